@@ -1,0 +1,3 @@
+from vcpusched.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The `Host` interface over libvirt: the only module that imports libvirt.
+
+A sample costs one bulk call for every domain's vCPU counters plus one node-stats call per
+pCPU, whatever the number of domains. Pins are read once per domain start and then tracked
+from our own pinVcpu calls, with a full re-read every `PIN_REFRESH` samples so that a pin
+changed by someone else is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from vcpusched.host import DomainGone, HostError, PinError
+from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+
+log = logging.getLogger(__name__)
+
+PIN_REFRESH = 60
+
+# The domain is gone, or no longer running: skip it, the next sample will not list it.
+_GONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+
+
+def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    # libvirt prints every error to stderr by default; ours are handled and logged once.
+    pass
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+
+@dataclass(slots=True)
+class _Domain:
+    handle: Any
+    run_id: int
+    pins: list[frozenset[int]]
+    age: int = 0
+
+
+def _cpuset(flags: tuple[bool, ...] | list[bool]) -> frozenset[int]:
+    return frozenset(i for i, on in enumerate(flags) if on)
+
+
+class LibvirtHost:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+        self._host_cpus = 0
+        self._online: list[int] = []
+        self._domains: dict[str, _Domain] = {}
+
+    def _connect(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        try:
+            conn = libvirt.open(self.uri)
+            host_cpus, online, _ = conn.getCPUMap()
+        except libvirt.libvirtError as exc:
+            raise HostError(f"cannot connect to {self.uri}: {exc.get_error_message()}") from None
+        self._conn = conn
+        self._host_cpus = host_cpus
+        self._online = [i for i, on in enumerate(online) if on]
+        self._domains.clear()
+        return conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._domains.clear()
+        if conn is not None:
+            # Closing a connection whose daemon is gone cannot fail usefully.
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def _lost(self, what: str, exc: libvirt.libvirtError) -> HostError:
+        self.close()
+        return HostError(f"{what}: {exc.get_error_message()}")
+
+    def sample(self) -> HostSample:
+        conn = self._connect()
+        try:
+            busy = {}
+            for pcpu in self._online:
+                stats = conn.getCPUStats(pcpu, 0)
+                busy[pcpu] = int(stats.get("kernel", 0)) + int(stats.get("user", 0))
+            clock = time.monotonic()
+            records = conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_VCPU, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+            )
+        except libvirt.libvirtError as exc:
+            raise self._lost("sampling failed", exc) from None
+        vcpus: dict[VcpuRef, VcpuCounters] = {}
+        seen: set[str] = set()
+        for handle, stats in records:
+            try:
+                name = handle.name()
+                domain = self._track(name, handle)
+                if domain is None:
+                    continue
+                seen.add(name)
+                counters = self._counters(handle, stats, domain)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in _GONE:
+                    continue
+                raise self._lost("sampling failed", exc) from None
+            for vcpu, value in enumerate(counters):
+                vcpus[VcpuRef(name, vcpu)] = value
+        for name in set(self._domains) - seen:
+            del self._domains[name]
+        return HostSample(clock=clock, pcpu_busy_ns=busy, vcpus=vcpus)
+
+    def _track(self, name: str, handle: Any) -> _Domain | None:
+        run_id = handle.ID()
+        domain = self._domains.get(name)
+        if domain is None or domain.run_id != run_id or domain.age >= PIN_REFRESH:
+            pins = [_cpuset(p) for p in handle.vcpuPinInfo(0)]
+            domain = _Domain(handle=handle, run_id=run_id, pins=pins)
+            self._domains[name] = domain
+        domain.handle = handle
+        domain.age += 1
+        return domain
+
+    def _counters(self, handle: Any, stats: dict[str, Any], domain: _Domain) -> list[VcpuCounters]:
+        count = stats.get("vcpu.current")
+        if count is None:
+            # Drivers without bulk vCPU stats (libvirt's test driver): ask the domain itself.
+            info, maps = handle.vcpus()
+            domain.pins = [_cpuset(m) for m in maps]
+            return [
+                VcpuCounters(time_ns=int(i[2]), wait_ns=None, affinity=domain.pins[i[0]])
+                for i in info
+            ]
+        out = []
+        for vcpu in range(int(count)):
+            time_ns = stats.get(f"vcpu.{vcpu}.time")
+            if time_ns is None or vcpu >= len(domain.pins):
+                continue
+            delay = stats.get(f"vcpu.{vcpu}.delay")
+            out.append(
+                VcpuCounters(
+                    time_ns=int(time_ns),
+                    wait_ns=None if delay is None else int(delay),
+                    affinity=domain.pins[vcpu],
+                )
+            )
+        return out
+
+    def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:
+        conn = self._connect()
+        domain = self._domains.get(ref.domain)
+        try:
+            handle = domain.handle if domain else conn.lookupByName(ref.domain)
+            cpumap = tuple(i in pcpus for i in range(self._host_cpus))
+            handle.pinVcpu(ref.vcpu, cpumap)
+        except libvirt.libvirtError as exc:
+            code = exc.get_error_code()
+            if code in _GONE:
+                self._domains.pop(ref.domain, None)
+                raise DomainGone(ref) from None
+            if code in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                raise PinError(f"{ref}: {exc.get_error_message()}") from None
+            try:
+                alive = conn.isAlive() == 1
+            except libvirt.libvirtError:
+                alive = False
+            if not alive:
+                raise self._lost("pinning failed", exc) from None
+            raise PinError(f"{ref}: {exc.get_error_message()}") from None
+        if domain is not None and ref.vcpu < len(domain.pins):
+            domain.pins[ref.vcpu] = pcpus

@@ -1,0 +1,124 @@
+"""The values that flow between the host, the load arithmetic and the policy.
+
+Loads are percentages of one pCPU: a vCPU that runs all the time has load 100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class VcpuRef(NamedTuple):
+    domain: str
+    vcpu: int
+
+    def __str__(self) -> str:
+        return f"{self.domain}/{self.vcpu}"
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuCounters:
+    """Cumulative counters of one vCPU, as read from the host."""
+
+    time_ns: int
+    # Time spent runnable but waiting for a pCPU; None where the host cannot tell.
+    wait_ns: int | None
+    affinity: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """One reading of the host: cumulative counters at a monotonic instant."""
+
+    clock: float
+    pcpu_busy_ns: Mapping[int, int]
+    vcpus: Mapping[VcpuRef, VcpuCounters]
+
+
+@dataclass(frozen=True, slots=True)
+class Vcpu:
+    """One vCPU as the policy sees it over the last interval.
+
+    `load` is the CPU time it received; `demand` adds the time it waited for a pCPU, so two
+    vCPUs that each want a whole pCPU but share one show load 50 and demand 100.
+    """
+
+    ref: VcpuRef
+    load: float
+    demand: float
+    affinity: frozenset[int]
+    excluded: bool = False
+
+    @property
+    def pcpu(self) -> int | None:
+        """The pCPU it is pinned to, or None while it may run on several."""
+        if len(self.affinity) == 1:
+            return next(iter(self.affinity))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Loads over one interval: measured pCPU utilization and every vCPU."""
+
+    pcpu_load: Mapping[int, float]
+    vcpus: tuple[Vcpu, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Pin one vCPU to one pCPU. `src` is its affinity before; loads are the policy's estimates."""
+
+    ref: VcpuRef
+    src: frozenset[int]
+    dst: int
+    load: float
+    src_load: float | None
+    dst_load: float
+
+    @property
+    def kind(self) -> str:
+        return "move" if len(self.src) == 1 else "place"
+
+
+def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+    """Render a pCPU set the way libvirt and taskset do: "0-3,8"."""
+    out: list[str] = []
+    ordered = sorted(cpus)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out) if out else "none"
+
+
+def parse_cpus(spec: str) -> frozenset[int]:
+    """Parse "0-3,8,^2" into {0, 1, 3, 8}. Raises ValueError naming the bad part."""
+    include: set[int] = set()
+    exclude: set[int] = set()
+    for raw in str(spec).split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        target = include
+        if part.startswith("^"):
+            target = exclude
+            part = part[1:].strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ValueError(f"invalid cpu range {raw.strip()!r}") from None
+        if first < 0 or last < first:
+            raise ValueError(f"invalid cpu range {raw.strip()!r}")
+        target.update(range(first, last + 1))
+    result = frozenset(include - exclude)
+    if not result:
+        raise ValueError(f"cpu list {spec!r} selects no pCPU")
+    return result

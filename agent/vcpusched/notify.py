@@ -1,0 +1,37 @@
+"""systemd's readiness protocol: datagrams to $NOTIFY_SOCKET; nothing when it is unset."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def notify(*states: str) -> bool:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    message = "\n".join(states).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+    except OSError:
+        return False
+    return True
+
+
+def ready() -> bool:
+    return notify("READY=1", "STATUS=balancing")
+
+
+def reloading() -> bool:
+    # systemd 257 and later wait forever for a reload that carries no MONOTONIC_USEC.
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+
+def stopping() -> bool:
+    return notify("STOPPING=1")
