@@ -191,10 +191,20 @@ THRESHOLDS_SCHEMA = vol.Schema(
     }
 )
 
+
+def _thresholds(value: Any) -> dict[str, float]:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected a mapping of high, target and low")
+    result: dict[str, float] = THRESHOLDS_SCHEMA(value)
+    return result
+
+
 CONFIG_SCHEMA = vol.Schema(
     {
         vol.Optional("interval", default=_DEFAULT.interval): _number(0.1, 3600),
-        vol.Optional("thresholds", default={}): vol.Any(None, THRESHOLDS_SCHEMA),
+        vol.Optional("thresholds", default={}): _thresholds,
         vol.Optional("min_gain", default=_DEFAULT.min_gain): _number(0, 100),
         vol.Optional("exclude", default=[]): _patterns,
         vol.Optional("cpus", default=None): _cpus,
@@ -233,7 +243,7 @@ def validate(document: Any, source: str = "<config>") -> Config:
         data = CONFIG_SCHEMA(document)
     except vol.MultipleInvalid as exc:
         raise ConfigError(source, sorted({_describe(e) for e in exc.errors})) from None
-    thresholds = THRESHOLDS_SCHEMA(data["thresholds"] or {})
+    thresholds = data["thresholds"]
     high, target, low = thresholds["high"], thresholds["target"], thresholds["low"]
     errors = []
     if not low < target:

@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 
 LOGGER = "vcpusched"
 IDENT = "vcpusched"
-SYSLOG_SOCKET = "/dev/log"
+# Overridable for containers that mount the syslog socket elsewhere, and for tests.
+SYSLOG_SOCKET = os.environ.get("VCPUSCHED_SYSLOG_SOCKET", "/dev/log")
 
-_PLAIN = re.compile(r"[A-Za-z0-9_.:@/+,\-]+")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:@/+,<>\[\]\-]+")
 
 log = logging.getLogger(LOGGER)
 

@@ -1,0 +1,241 @@
+"""The agent as a real process: pidfile, signals, reloads, daemon mode, readiness.
+
+libvirt's built-in test driver stands in for the hypervisor here (no daemon needed); what the
+agent does to real guests is proven in tests/e2e against a real libvirtd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+AGENT = [sys.executable, "-m", "vcpusched"]
+
+
+def write_config(path: Path, pidfile: Path, **extra: object) -> Path:
+    lines = ["uri: test:///default", "interval: 0.2", f"pidfile: {pidfile}"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o644)
+    return path
+
+
+class Agent:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"vcpusched-{time.time_ns()}.log"
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            AGENT + args,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, count: int = 1, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.text()
+            if text.count(needle) >= count:
+                return text
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {needle!r} x{count} in agent output:\n{self.text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=15)
+        self._out.close()
+        return code
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    started: list[Agent] = []
+    yield started
+    for agent in started:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait()
+        agent.log.unlink(missing_ok=True)
+
+
+def test_foreground_reload_and_stop(tmp_path: Path, agents: list[Agent]) -> None:
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("connected uri=test:///default")
+    assert pidfile.read_text() == f"{agent.proc.pid}\n"
+
+    write_config(config, pidfile, interval=0.5, thresholds="{high: 95}")
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_for("reload changed=interval:0.2->0.5,thresholds.high:90.0->95.0")
+
+    config.write_text(f"uri: test:///default\npidfile: {pidfile}\nthresholds: {{low: 99}}\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    text = agent.wait_for("reload rejected=")
+    assert 'error="thresholds.low: must be below thresholds.target (80), got 99"' in text
+    time.sleep(0.6)
+    assert agent.proc.poll() is None
+
+    assert agent.stop() == 0
+    text = agent.text()
+    assert "stop signal=SIGTERM" in text
+    assert "Traceback" not in text
+    assert not pidfile.exists()
+
+
+def test_second_instance_refused_and_stale_pidfile_ignored(
+    tmp_path: Path, agents: list[Agent]
+) -> None:
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    first = Agent(["run", "--config", str(config)])
+    agents.append(first)
+    first.wait_for("connected")
+    second = subprocess.run(
+        [*AGENT, "run", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        f"vcpusched: another instance is running (pid {first.proc.pid}, pidfile {pidfile})"
+    )
+
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert pidfile.exists()  # left behind by the kill
+    third = Agent(["run", "--config", str(config)])
+    agents.append(third)
+    third.wait_for("connected")
+    assert pidfile.read_text() == f"{third.proc.pid}\n"
+    assert third.stop() == 0
+
+
+def test_bad_config_at_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("interval: 0\n")
+    config.chmod(0o644)
+    result = subprocess.run(
+        [*AGENT, "run", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"vcpusched: {config}: interval: must be at least 0.1 and at most 3600, got 0\n"
+    )
+
+
+def test_readiness_and_reload_notifications(tmp_path: Path, agents: list[Agent]) -> None:
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(15)
+        config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+        agent = Agent(["run", "--config", str(config)], env={"NOTIFY_SOCKET": address})
+        agents.append(agent)
+        assert sock.recv(4096).startswith(b"READY=1")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert sock.recv(4096).startswith(b"READY=1")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert agent.stop() == 0
+
+
+def test_libvirt_unreachable_is_survived(tmp_path: Path, agents: list[Agent]) -> None:
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-such.sock"
+    config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+    config.write_text(config.read_text().replace("uri: test:///default", f"uri: '{uri}'"))
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("disconnected")
+    time.sleep(1.0)
+    assert agent.proc.poll() is None
+    assert agent.stop() == 0
+    assert agent.text().count("disconnected") == 1  # logged once per outage, not per retry
+
+
+def test_daemon_mode_detaches_and_logs_to_syslog(tmp_path: Path) -> None:
+    address = str(tmp_path / "log.sock")
+    pidfile = tmp_path / "d.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(address)
+        syslog.settimeout(15)
+        env = {**os.environ, "VCPUSCHED_SYSLOG_SOCKET": address}
+        parent = subprocess.run(
+            [*AGENT, "run", "--daemon", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+        assert parent.returncode == 0, parent.stderr
+        messages = []
+        while not any(b"connected" in m for m in messages):
+            messages.append(syslog.recv(4096))
+        pid = int(pidfile.read_text())
+        assert pid != os.getpid()
+        # <facility*8+severity>: daemon (3) * 8 + info (6) = 30
+        assert messages[0].startswith(f"<30>vcpusched[{pid}]: INFO start ".encode())
+        os.kill(pid, signal.SIGTERM)
+        while b"stop signal=SIGTERM" not in messages[-1]:
+            messages.append(syslog.recv(4096))
+    deadline = time.monotonic() + 10
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pidfile.exists()
+
+
+def test_daemon_mode_without_syslog_refuses(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path / "d.pid")
+    env = {**os.environ, "VCPUSCHED_SYSLOG_SOCKET": str(tmp_path / "absent.sock")}
+    result = subprocess.run(
+        [*AGENT, "run", "--daemon", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "cannot log to syslog" in result.stderr
+    assert not (tmp_path / "d.pid").exists()
+
+
+def test_once_places_unpinned_vcpus(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+    result = subprocess.run(
+        [*AGENT, "run", "--once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    places = [line for line in result.stderr.splitlines() if " place domain=test " in line]
+    assert len(places) == 2
+    assert {line.split(" to=")[1].split()[0] for line in places} == {"0", "2"}
+
+
+def test_dry_run_pins_nothing_and_says_so(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+    result = subprocess.run(
+        [*AGENT, "run", "--once", "--dry-run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    places = [line for line in result.stderr.splitlines() if " place " in line]
+    assert len(places) == 2
+    assert all(line.endswith(" dry_run=1") for line in places)

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.snapshots import apply, snapshot, vcpu
+from vcpusched.config import Config
+from vcpusched.model import Snapshot, Vcpu, VcpuRef
+from vcpusched.policy import pcpu_loads, plan
+
+CFG = Config()
+
+
+def test_balanced_round_robin_makes_no_move() -> None:
+    snap = snapshot([vcpu(f"vm{i}", 40, i % 2) for i in range(4)], pcpus=2)
+    assert plan(snap, CFG) == []
+
+
+def test_all_on_one_pcpu_ends_even_with_minimum_moves() -> None:
+    snap = snapshot([vcpu(f"vm{i}", 40, 0, demand=40) for i in range(8)], pcpus=4)
+    moves = plan(snap, CFG)
+    assert len(moves) == 6  # 8 vCPUs, 2 per pCPU: six must leave pCPU0
+    after = apply(snap, moves)
+    assert sorted(after.values()) == [80, 80, 80, 80]
+
+
+def test_saturated_pcpu_is_seen_through_wait_time() -> None:
+    # Heavy + heavy on pCPU0 and light + light on pCPU1: both read 100% busy, every vCPU
+    # receives 50. Only demand (time + wait) shows that a swap doubles a heavy one's share.
+    vcpus = [
+        vcpu("h0", 50, 0, demand=100),
+        vcpu("h1", 50, 0, demand=100),
+        vcpu("l0", 50, 1, demand=50),
+        vcpu("l1", 50, 1, demand=50),
+    ]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert len(moves) == 2
+    after = apply(snapshot(vcpus, pcpus=2), moves)
+    assert after == {0: 150, 1: 150}
+
+
+def test_unpinned_heavy_and_light_are_paired() -> None:
+    loads = [100, 50, 100, 50]
+    snap = snapshot([vcpu(f"vm{i}", load, None) for i, load in enumerate(loads)], pcpus=2)
+    moves = plan(snap, CFG)
+    assert all(m.kind == "place" for m in moves)
+    assert len(moves) == 4
+    after = apply(snap, moves)
+    assert after == {0: 150, 1: 150}
+
+
+def test_idle_unpinned_vcpus_spread_evenly_by_count() -> None:
+    snap = snapshot([vcpu(f"vm{i}", 0.3 * i, None, pcpus=4) for i in range(8)], pcpus=4)
+    moves = plan(snap, CFG)
+    counts = [sum(1 for m in moves if m.dst == p) for p in range(4)]
+    assert counts == [2, 2, 2, 2]
+
+
+def test_domain_vcpus_spread_apart() -> None:
+    snap = snapshot([vcpu("big", 10, None, index=i) for i in range(2)], pcpus=2)
+    assert sorted(m.dst for m in plan(snap, CFG)) == [0, 1]
+
+
+def test_high_sheds_vcpu_that_brings_low_closest_to_target() -> None:
+    # pCPU0 wants 120 from four vCPUs, pCPU1 is at 45: the 35 lifts it to 80 exactly.
+    vcpus = [
+        vcpu("a", 40, 0, demand=50),
+        vcpu("b", 30, 0, demand=35),
+        vcpu("c", 17, 0, demand=20),
+        vcpu("f", 13, 0, demand=15),
+        vcpu("d", 45, 1),
+    ]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert next((m.ref.domain, m.dst) for m in moves) == ("b", 1)
+    assert moves[0].src_load == pytest.approx(120)
+    assert moves[0].dst_load == pytest.approx(45)
+
+
+def test_high_prefers_a_fit_that_does_not_overshoot() -> None:
+    # 95 beside 50: taking 30 lifts pCPU1 to exactly 80 but drops pCPU0 to 65; taking 20
+    # gives 75 beside 70 in the same single move.
+    vcpus = [vcpu("a", 45, 0), vcpu("b", 30, 0), vcpu("c", 20, 0), vcpu("d", 50, 1)]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert [(m.ref.domain, m.dst) for m in moves] == [("c", 1)]
+
+
+def test_thresholds_alone_would_strand_89_and_71() -> None:
+    vcpus = [vcpu("a", 44.5, 0), vcpu("b", 35.5, 0), vcpu("c", 9, 0), vcpu("d", 71, 1)]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert [(m.ref.domain, m.dst) for m in moves] == [("c", 1)]
+    assert apply(snapshot(vcpus, pcpus=2), moves) == {0: 80, 1: 80}
+
+
+def test_gap_below_min_gain_is_left_alone() -> None:
+    vcpus = [vcpu("a", 42, 0), vcpu("b", 2, 0), vcpu("c", 38, 1)]
+    assert plan(snapshot(vcpus, pcpus=2), CFG) == []  # moving b narrows 44-38 by only 2
+
+
+def test_single_vcpu_on_a_busy_pcpu_stays() -> None:
+    vcpus = [vcpu("hog", 100, 0), vcpu("idle", 5, 1)]
+    assert plan(snapshot(vcpus, pcpus=2), CFG) == []
+
+
+def test_excluded_vcpus_never_move_but_count() -> None:
+    vcpus = [vcpu("db", 70, 0, excluded=True), vcpu("a", 40, 0), vcpu("b", 30, 1), vcpu("c", 30, 1)]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert all(m.ref.domain != "db" for m in moves)
+    # pCPU0 holds the excluded 70: it should shed `a`, and take nothing.
+    assert [(m.ref.domain, m.dst) for m in moves] == [("a", 1)]
+
+
+def test_excluded_unpinned_vcpu_is_not_placed() -> None:
+    vcpus = [vcpu("db", 50, None, excluded=True), vcpu("a", 50, None)]
+    moves = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert [m.ref.domain for m in moves] == ["a"]
+
+
+def test_cpus_restricts_targets_and_evicts_from_outside() -> None:
+    cfg = Config(cpus=frozenset({1, 2, 3}))
+    vcpus = [vcpu("a", 30, 0, pcpus=4), vcpu("b", 30, None, pcpus=4)]
+    moves = plan(snapshot(vcpus, pcpus=4), cfg)
+    assert {m.ref.domain for m in moves} == {"a", "b"}
+    assert all(m.dst in {1, 2, 3} for m in moves)
+    assert len({m.dst for m in moves}) == 2
+
+
+def test_more_vcpus_than_pcpus_multi_vcpu_domains() -> None:
+    vcpus = [vcpu(f"vm{d}", 20 + 5 * d, 0, index=i, pcpus=3) for d in range(4) for i in range(3)]
+    snap = snapshot(vcpus, pcpus=3)
+    after = apply(snap, plan(snap, CFG))
+    assert max(after.values()) - min(after.values()) <= CFG.min_gain * 2
+
+
+def test_background_load_counts() -> None:
+    # pCPU0 carries 35 points of host work no vCPU explains: both vCPUs do better on pCPU1.
+    vcpus = [vcpu("a", 30, 0), vcpu("b", 30, 0)]
+    snap = snapshot(vcpus, pcpus=2, background={0: 35})
+    assert pcpu_loads(snap) == {0: pytest.approx(95), 1: 0}
+    moves = plan(snap, CFG)
+    assert apply(snap, moves) == {0: 0, 1: 60}
+
+
+def test_vcpu_moved_twice_in_one_plan_is_one_move() -> None:
+    vcpus = [vcpu(f"v{i}", load, 0, pcpus=3) for i, load in enumerate([60, 50, 40, 30, 20])]
+    moves = plan(snapshot(vcpus, pcpus=3), CFG)
+    assert len({m.ref for m in moves}) == len(moves)
+    assert all(m.dst not in m.src for m in moves)
+
+
+# Property tests over random hosts --------------------------------------------------------
+
+
+@st.composite
+def hosts(draw: st.DrawFn) -> tuple[Snapshot, Config]:
+    pcpus = draw(st.integers(1, 6))
+    n = draw(st.integers(0, 14))
+    vcpus = []
+    for i in range(n):
+        load = draw(st.floats(0, 100, allow_nan=False))
+        demand = draw(st.floats(load, 100, allow_nan=False))
+        pin = draw(st.one_of(st.none(), st.integers(0, pcpus - 1)))
+        vcpus.append(
+            vcpu(
+                f"d{i % 5}",
+                load,
+                pin,
+                demand=demand,
+                index=i,
+                excluded=draw(st.booleans()) and draw(st.booleans()),
+                pcpus=pcpus,
+            )
+        )
+    cpus = draw(st.one_of(st.none(), st.sets(st.integers(0, pcpus - 1), min_size=1)))
+    cfg = Config(
+        cpus=None if cpus is None else frozenset(cpus),
+        min_gain=draw(st.sampled_from([1.0, 5.0, 10.0])),
+    )
+    return snapshot(vcpus, pcpus, cap=False), cfg
+
+
+@given(hosts())
+@settings(max_examples=300, deadline=None)
+def test_property_never_moves_excluded_nor_outside_cpus(case: tuple[Snapshot, Config]) -> None:
+    snap, cfg = case
+    excluded = {v.ref for v in snap.vcpus if v.excluded}
+    allowed = set(snap.pcpu_load) if cfg.cpus is None else cfg.cpus
+    for move in plan(snap, cfg):
+        assert move.ref not in excluded
+        assert move.dst in allowed
+        assert move.dst not in move.src or len(move.src) > 1
+
+
+@given(hosts())
+@settings(max_examples=300, deadline=None)
+def test_property_never_raises_the_highest_load(case: tuple[Snapshot, Config]) -> None:
+    snap, cfg = case
+    # Only pinned vCPUs inside `cpus`: placement of unpinned ones is not a rebalancing move.
+    allowed = set(snap.pcpu_load) if cfg.cpus is None else cfg.cpus
+    placed = tuple(v for v in snap.vcpus if v.pcpu is not None and v.pcpu in allowed)
+    snap = snapshot(list(placed), len(snap.pcpu_load), cap=False)
+    before = pcpu_loads(snap)
+    moves = plan(snap, cfg)
+    after = dict(before)
+    demand = {v.ref: v.demand for v in snap.vcpus}
+    for m in moves:
+        (src,) = m.src
+        after[src] -= demand[m.ref]
+        after[m.dst] += demand[m.ref]
+    assert max(after.values(), default=0) <= max(before.values(), default=0) + 1e-6
+    sq = lambda d: sum(x * x for x in d.values())  # noqa: E731
+    assert not moves or sq(after) < sq(before)
+
+
+@given(hosts())
+@settings(max_examples=300, deadline=None)
+def test_property_steady_load_settles_after_one_plan(case: tuple[Snapshot, Config]) -> None:
+    """Apply a plan, measure again with the same loads: the next plan must be empty."""
+    snap, cfg = case
+    moves = plan(snap, cfg)
+    where = {m.ref: m.dst for m in moves}
+    moved = [
+        Vcpu(
+            ref=v.ref,
+            load=v.load,
+            demand=v.demand,
+            affinity=frozenset((where[v.ref],)) if v.ref in where else v.affinity,
+            excluded=v.excluded,
+        )
+        for v in snap.vcpus
+    ]
+    again = plan(snapshot(moved, len(snap.pcpu_load), cap=False), cfg)
+    assert again == [], f"second plan moved {again}"
+
+
+def test_noise_below_min_gain_never_ping_pongs() -> None:
+    import random
+
+    rng = random.Random(7)
+    base = [55, 45, 35, 25, 20, 20]
+    pins = {i: i % 2 for i in range(len(base))}
+    changes = 0
+    for cycle in range(300):
+        vcpus = [
+            vcpu(f"v{i}", load * rng.uniform(0.95, 1.05), pins[i]) for i, load in enumerate(base)
+        ]
+        moves = plan(snapshot(vcpus, pcpus=2), CFG)
+        for m in moves:
+            pins[int(m.ref.domain[1:])] = m.dst
+        if cycle >= 2:
+            changes += len(moves)
+    assert changes == 0
+    loads = [sum(base[i] for i in pins if pins[i] == p) for p in (0, 1)]
+    assert statistics.pstdev(loads) <= 2.5
+
+
+def test_move_refs_are_vcpu_refs() -> None:
+    snap = snapshot([vcpu("a", 60, 0), vcpu("b", 60, 0)], pcpus=2)
+    (move,) = plan(snap, CFG)
+    assert isinstance(move.ref, VcpuRef)

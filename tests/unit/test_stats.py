@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+from vcpusched.stats import snapshot
+
+A, B = VcpuRef("a", 0), VcpuRef("b", 0)
+ONE = frozenset({1})
+
+
+def sample(
+    clock: float, busy: dict[int, int], vcpus: dict[VcpuRef, tuple[int, int | None]]
+) -> HostSample:
+    return HostSample(
+        clock=clock,
+        pcpu_busy_ns=busy,
+        vcpus={r: VcpuCounters(t, w, ONE) for r, (t, w) in vcpus.items()},
+    )
+
+
+def test_loads_over_the_interval() -> None:
+    before = sample(10.0, {0: 0, 1: 5_000_000_000}, {A: (0, 0), B: (100, None)})
+    after = sample(
+        12.0,
+        {0: 1_000_000_000, 1: 7_000_000_000},
+        {A: (1_000_000_000, 1_000_000_000), B: (400_000_100, None)},
+    )
+    snap = snapshot(before, after)
+    assert snap is not None
+    assert snap.pcpu_load == {0: pytest.approx(50.0), 1: pytest.approx(100.0)}
+    a, b = snap.vcpus
+    assert (a.load, a.demand) == (pytest.approx(50.0), pytest.approx(100.0))
+    assert (b.load, b.demand) == (pytest.approx(20.0), pytest.approx(20.0))
+
+
+def test_new_and_restarted_vcpus_wait_a_cycle() -> None:
+    before = sample(0.0, {0: 0}, {A: (5_000, 0)})
+    after = sample(1.0, {0: 0}, {A: (1_000, 0), B: (10, 0)})
+    snap = snapshot(before, after)
+    assert snap is not None
+    assert snap.vcpus == ()
+
+
+def test_counters_out_of_range_are_clamped() -> None:
+    before = sample(0.0, {0: 10}, {A: (0, 0)})
+    after = sample(1.0, {0: 0}, {A: (3_000_000_000, 0)})
+    snap = snapshot(before, after)
+    assert snap is not None
+    assert snap.pcpu_load[0] == 0.0
+    assert snap.vcpus[0].load == 100.0
+
+
+def test_clock_not_advancing_skips() -> None:
+    s = sample(5.0, {0: 0}, {})
+    assert snapshot(s, s) is None
+
+
+def test_excluded_flag() -> None:
+    before = sample(0.0, {0: 0}, {A: (0, 0), B: (0, 0)})
+    after = sample(1.0, {0: 0}, {A: (0, 0), B: (0, 0)})
+    snap = snapshot(before, after, lambda d: d == "b")
+    assert snap is not None
+    assert [v.excluded for v in snap.vcpus] == [False, True]
