@@ -249,7 +249,8 @@ def render_status(snapshot: Snapshot, allowed: frozenset[int]) -> str:
         lines.append("unpinned: " + " ".join(_vcpu_text(v) for v in floating))
     loads = [snapshot.pcpu_load[p] for p in sorted(allowed)]
     sd = statistics.pstdev(loads) if loads else 0.0
-    lines.append("* excluded")
+    if any(v.excluded for v in snapshot.vcpus):
+        lines.append("* excluded: never re-pinned, load still counted")
     lines.append(f"pcpus {format_cpus(allowed)}  mean {statistics.fmean(loads):.1f}%  sd {sd:.1f}")
     return "\n".join(lines)
 

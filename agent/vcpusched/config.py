@@ -45,9 +45,14 @@ class ConfigError(Exception):
     """A config that cannot be used; `errors` holds one line per problem."""
 
     def __init__(self, source: str, errors: list[str]) -> None:
-        self.source = source
-        self.errors = errors
+        self.source = _printable(source)
+        # Keys and values come from the file: escape what could break the one-line promise.
+        self.errors = [_printable(e) for e in errors]
         super().__init__("; ".join(f"{source}: {e}" for e in errors))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True, slots=True)
