@@ -30,6 +30,9 @@ tells that moving one would double its throughput.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,16 +41,51 @@ from vcpusched.config import Config
 from vcpusched.model import Move, Snapshot, Vcpu, VcpuRef
 
 
+def _order(vcpu: Vcpu) -> tuple[float, VcpuRef]:
+    return (vcpu.demand, vcpu.ref)
+
+
+def _demand(vcpu: Vcpu) -> float:
+    return vcpu.demand
+
+
 @dataclass(slots=True)
 class _Pcpu:
     number: int
     load: float
-    vcpus: list[Vcpu] = field(default_factory=list)  # anchored here and movable
+    # Movable vCPUs anchored here, kept sorted by demand so that the vCPU whose demand is
+    # nearest a wanted transfer is found by bisection: a plan on a host with a thousand vCPUs
+    # must stay within milliseconds.
+    vcpus: list[Vcpu] = field(default_factory=list)
     fixed: int = 0  # anchored here but not movable (excluded)
 
     @property
     def count(self) -> int:
         return len(self.vcpus) + self.fixed
+
+    def add(self, vcpu: Vcpu) -> None:
+        bisect.insort(self.vcpus, vcpu, key=_order)
+        self.load += vcpu.demand
+
+    def remove(self, vcpu: Vcpu) -> None:
+        del self.vcpus[bisect.bisect_left(self.vcpus, _order(vcpu), key=_order)]
+        self.load -= vcpu.demand
+
+    def nearest(self, want: float, lo: float, hi: float) -> Vcpu | None:
+        """The vCPU with demand in [lo, hi] nearest to `want`; the larger one on a tie."""
+        if lo > hi or not self.vcpus:
+            return None
+        aim = min(max(want, lo), hi)
+        i = bisect.bisect_left(self.vcpus, aim, key=_demand)
+        best: Vcpu | None = None
+        for j in (i - 1, i):
+            if 0 <= j < len(self.vcpus):
+                v = self.vcpus[j]
+                if lo <= v.demand <= hi and (
+                    best is None or abs(v.demand - want) <= abs(best.demand - want)
+                ):
+                    best = v
+        return best
 
 
 class _Plan:
@@ -129,7 +167,7 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
         if vcpu.excluded or home not in allowed:
             pcpu[home].fixed += 1
         else:
-            pcpu[home].vcpus.append(vcpu)
+            bisect.insort(pcpu[home].vcpus, vcpu, key=_order)
     targets = [pcpu[n] for n in sorted(allowed)]
     result = _Plan()
     _place(to_place, pcpu, targets, result)
@@ -145,37 +183,43 @@ def _place(
     for p in targets:
         for v in p.vcpus:
             siblings[p.number, v.ref.domain] += 1
+
+    # Loads within a point of each other count as equal, so idle vCPUs spread by count
+    # instead of following measurement noise.
+    def key(p: _Pcpu) -> tuple[int, int, int]:
+        return (round(p.load), p.count, p.number)
+
+    heap = [(key(p), p.number) for p in targets]
+    heapq.heapify(heap)
+    by_number = {p.number: p for p in targets}
     for vcpu in sorted(to_place, key=lambda v: (-v.demand, v.ref)):
-        # Loads within a point of each other count as equal, so idle vCPUs spread by count
-        # instead of following measurement noise.
-        dst = min(
-            targets,
-            key=lambda p: (
-                round(p.load + vcpu.demand),
-                siblings[p.number, vcpu.ref.domain],
-                p.count,
-                p.number,
-            ),
-        )
+        # Among the least loaded pCPUs, the first holding none of the domain's vCPUs.
+        popped = [heapq.heappop(heap)]
+        while siblings[popped[0][1], vcpu.ref.domain] and heap and heap[0][0][0] == popped[0][0][0]:
+            popped.append(heapq.heappop(heap))
+            if not siblings[popped[-1][1], vcpu.ref.domain]:
+                popped.insert(0, popped.pop())
+                break
+        dst = by_number[popped[0][1]]
         src = pcpu.get(vcpu.pcpu) if vcpu.pcpu is not None else None
         result.add(vcpu, src, dst)
         if src is not None:
             src.load -= vcpu.demand
             src.fixed -= 1
-        dst.load += vcpu.demand
-        dst.vcpus.append(vcpu)
+        dst.add(vcpu)
         siblings[dst.number, vcpu.ref.domain] += 1
+        for _, number in popped:
+            heapq.heappush(heap, (key(by_number[number]), number))
 
 
 def _move(vcpu: Vcpu, src: _Pcpu, dst: _Pcpu, result: _Plan) -> None:
     result.add(vcpu, src, dst)
-    src.vcpus.remove(vcpu)
-    dst.vcpus.append(vcpu)
-    src.load -= vcpu.demand
-    dst.load += vcpu.demand
+    src.remove(vcpu)
+    dst.add(vcpu)
 
 
 def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
+    half_gain = config.min_gain / 2
     while True:
         highs = sorted(
             (p for p in targets if p.load > config.high and p.count > 1 and p.vcpus),
@@ -186,17 +230,13 @@ def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
         for src in highs:
             for dst in lows:
                 gap = src.load - dst.load
-                fits = [v for v in src.vcpus if _gain(gap, v.demand) >= config.min_gain]
-                if fits:
-                    vcpu = min(
-                        fits,
-                        key=lambda v: (
-                            2 * v.demand > gap,
-                            abs(dst.load + v.demand - config.target),
-                            -v.demand,
-                            v.ref,
-                        ),
-                    )
+                want = config.target - dst.load
+                # Gaining min_gain needs a demand in [min_gain/2, gap - min_gain/2]; one that
+                # also leaves src no lower than dst (at most gap/2) is preferred.
+                vcpu = src.nearest(want, half_gain, gap / 2) or src.nearest(
+                    want, math.nextafter(gap / 2, math.inf), gap - half_gain
+                )
+                if vcpu is not None:
                     chosen = (vcpu, src, dst)
                     break
             if chosen:
@@ -223,6 +263,7 @@ def _best_step(
     targets: list[_Pcpu], min_gain: float
 ) -> tuple[_Pcpu, _Pcpu, Vcpu, Vcpu | None] | None:
     """The best move or swap off the most loaded pCPU that can gain at least `min_gain`."""
+    half_gain = min_gain / 2
     by_load = sorted(targets, key=lambda p: (p.load, p.number))
     for src in reversed(by_load):
         if not src.vcpus:
@@ -230,27 +271,32 @@ def _best_step(
         best: tuple[float, _Pcpu, Vcpu, Vcpu | None] | None = None
         for dst in by_load:
             gap = src.load - dst.load
-            if gap < min_gain:
-                break  # ascending loads: every later pCPU is closer still
-            for out in src.vcpus:
-                gain = _gain(gap, out.demand)
-                if gain >= min_gain and (best is None or gain > best[0]):
-                    best = (gain, dst, out, None)
-            move_gain = best[0] if best else 0.0
-            for out in src.vcpus:
-                for back in dst.vcpus:
-                    transfer = out.demand - back.demand
-                    if transfer <= 0:
-                        continue
-                    gain = _gain(gap, transfer)
-                    # A swap costs two pin changes: only worth it where a move cannot come
-                    # within min_gain of it.
-                    if (
-                        gain >= min_gain
-                        and gain >= move_gain + min_gain
-                        and (best is None or gain > best[0])
-                    ):
-                        best = (gain, dst, out, back)
+            # Ascending loads: every later pCPU is closer still, and no step gains more
+            # than the gap it narrows.
+            if gap < min_gain or (best is not None and best[0] >= gap):
+                break
+            out = src.nearest(gap / 2, half_gain, gap - half_gain)
+            move_gain = _gain(gap, out.demand) if out is not None else 0.0
+            if out is not None and (best is None or move_gain > best[0]):
+                best = (move_gain, dst, out, None)
+            if not dst.vcpus:
+                continue
+            widest = min(src.vcpus[-1].demand - dst.vcpus[0].demand, gap / 2)
+            if widest <= 0 or _gain(gap, widest) < move_gain + min_gain:
+                continue
+            # A swap costs two pin changes: only worth it where a move cannot come within
+            # min_gain of it.
+            for swap_out in src.vcpus:
+                back = dst.nearest(
+                    swap_out.demand - gap / 2,
+                    swap_out.demand - (gap - half_gain),
+                    swap_out.demand - half_gain,
+                )
+                if back is None:
+                    continue
+                gain = _gain(gap, swap_out.demand - back.demand)
+                if gain >= move_gain + min_gain and (best is None or gain > best[0]):
+                    best = (gain, dst, swap_out, back)
         if best is not None:
             return src, best[1], best[2], best[3]
     return None
