@@ -1,0 +1,236 @@
+"""ansible/site.yml applied to a real systemd host (a booted Debian 12 container with libvirtd).
+
+The tests run in file order against one container, each starting from the state the previous
+one left: converge, idempotence, a reload, two rejected variables, check mode, and an upgrade
+to a rebuilt wheel of the same version.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.role.fixtures import Target, build_wheels, config_document, local_sha256
+from tests.role.playbook import REPO, PlayRun
+from vcpusched.config import validate
+
+pytestmark = pytest.mark.role
+
+# Every setting away from its default where the container allows it, and of every type: ints,
+# a float, a list with a glob and a name needing quotes, a pCPU list, bools, choices.
+BASE: dict[str, Any] = {
+    "vcpusched_interval": 2,
+    "vcpusched_thresholds_high": 85,
+    "vcpusched_thresholds_target": 75,
+    "vcpusched_thresholds_low": 60,
+    "vcpusched_min_gain": 4.5,
+    "vcpusched_exclude": ["db-*", "build host"],
+    "vcpusched_cpus": "0",
+    "vcpusched_dry_run": True,
+    "vcpusched_restore_on_exit": True,
+    "vcpusched_syslog_facility": "local3",
+}
+CONFIG = "/etc/vcpusched.yaml"
+# Task and handler names in ansible/roles/vcpusched.
+CHECK_THRESHOLDS = "Check the load thresholds are ordered (0 < low < target < high <= 100)"
+WRITE_CONFIG = "Write the agent's configuration"
+REINSTALL = "Reinstall the agent from a rebuilt wheel of the same version"
+VALIDATE_ARGUMENTS = (
+    "Validating arguments against arg spec 'main' - "
+    "Install, configure and run the vcpusched agent on libvirt hosts"
+)
+RESTART = "Restart vcpusched"
+RELOAD = "Reload vcpusched"
+
+
+def assert_ok(run: PlayRun) -> None:
+    assert run.returncode == 0, f"{run.summary()}\n{run.output[-3000:]}"
+    assert run.recap.get("failed", 0) == 0
+    assert run.recap.get("unreachable", 0) == 0
+
+
+def test_first_converge_installs_configures_and_starts(target: Target) -> None:
+    run = target.play(BASE, label="first converge")
+    assert_ok(run)
+    # Package and config both changed: the restart runs and the pending reload is skipped.
+    assert run.statuses(RESTART, "handler") == ["changed"], run.summary()
+    assert run.statuses(RELOAD, "handler") == ["skipping"], run.summary()
+
+    service = target.service()
+    assert service["ActiveState"] == "active", service
+    assert service["SubState"] == "running", service
+    assert service["UnitFileState"] == "enabled", service
+
+    expected = config_document(BASE)
+    assert yaml.safe_load(target.container.read(CONFIG)) == expected
+    # The agent reads the file the same way: its effective config is the variables' values.
+    effective = yaml.safe_load(target.sh(f"/opt/vcpusched/bin/vcpusched check-config {CONFIG}"))
+    assert effective == validate(expected).as_document()
+    mode = target.sh(f"stat -c '%U:%G %a' {CONFIG}").strip()
+    assert mode == "root:root 644"
+
+    pid = int(service["MainPID"])
+    start = target.wait_for_line(pid, r"^start ")
+    assert "interval=2.0" in start, start
+    assert "thresholds=60/75/85" in start, start
+    connected = target.wait_for_line(pid, r"^connected uri=qemu:///system\b")
+    # rsyslog got it too, under the agent's own tag.
+    assert any("connected uri=qemu:///system" in line for line in target.syslog(pid)), connected
+    target.converged = dict(BASE)
+
+
+def test_second_run_changes_nothing(target: Target) -> None:
+    variables = target.require_converged()
+    pid = target.main_pid()
+    run = target.play(variables, label="second run (idempotence)")
+    assert_ok(run)
+    assert run.recap["changed"] == 0, run.changed_steps()
+    assert run.handler(RESTART) is None
+    assert run.handler(RELOAD) is None
+    assert target.main_pid() == pid
+
+
+def test_changed_variable_reloads_without_restart(target: Target) -> None:
+    variables = target.require_converged()
+    pid = target.main_pid()
+    # As an operator would type it: -e key=value gives the string "95".
+    run = target.play(variables, "-e", "vcpusched_thresholds_high=95", label="changed variable")
+    assert_ok(run)
+    assert run.changed_steps() == [f"task:{WRITE_CONFIG}", f"handler:{RELOAD}"]
+    assert run.handler(RESTART) is None, run.summary()
+
+    assert target.main_pid() == pid
+    assert target.service()["ActiveState"] == "active"
+    line = target.wait_for_line(pid, r"^reload changed=")
+    assert "thresholds.high:85.0->95.0" in line, line
+    assert yaml.safe_load(target.container.read(CONFIG))["thresholds"]["high"] == 95
+    target.converged = {**variables, "vcpusched_thresholds_high": 95}
+
+
+@pytest.mark.parametrize(
+    ("bad", "failed_step", "message"),
+    [
+        pytest.param(
+            {"vcpusched_thresholds_low": 96},
+            CHECK_THRESHOLDS,
+            "0 < low < target < high <= 100, got low=96 target=75 high=95",
+            id="low-above-high",
+        ),
+        pytest.param(
+            {"vcpusched_interval": 0},
+            "Check the sampling interval and the minimum gain",
+            "vcpusched_interval must be 0.1 to 3600 seconds (got 0)",
+            id="interval-zero",
+        ),
+        pytest.param(
+            {"vcpusched_log_level": "loud"},
+            VALIDATE_ARGUMENTS,
+            "vcpusched_log_level must be one of: debug, info, warning, error, got: loud",
+            id="log-level-not-a-choice",
+        ),
+    ],
+)
+def test_bad_variable_fails_before_anything_changes(
+    target: Target, bad: dict[str, Any], failed_step: str, message: str
+) -> None:
+    variables = target.require_converged()
+    before = target.host_state()
+    reloads = len([x for x in target.journal(int(before["pid"])) if x.startswith("reload ")])
+    run = target.play({**variables, **bad}, label=f"bad variable {bad}")
+
+    assert run.returncode != 0
+    assert run.failed_steps() == [failed_step], run.summary()
+    assert message in run.output, run.output[-2000:]
+    assert run.recap["changed"] == 0
+    # Nothing after the checks even started.
+    assert run.step("Install the distribution packages the agent needs") is None
+    # The agent keeps running, untouched, on the old config.
+    assert target.host_state() == before
+    after = [x for x in target.journal(int(before["pid"])) if x.startswith("reload ")]
+    assert len(after) == reloads
+
+
+def test_validate_rejects_what_preflight_cannot_judge(target: Target) -> None:
+    """A reversed pCPU range passes every Ansible-side check; only the agent's parser knows."""
+    variables = target.require_converged()
+    before = target.host_state()
+    run = target.play({**variables, "vcpusched_cpus": "3-1"}, label="bad variable (cpus 3-1)")
+
+    assert run.returncode != 0
+    assert run.failed_steps() == [WRITE_CONFIG]
+    assert "cpus: invalid cpu range '3-1'" in run.output
+    assert run.recap["changed"] == 0
+    assert target.host_state() == before
+    assert yaml.safe_load(target.container.read(CONFIG))["cpus"] == variables["vcpusched_cpus"]
+
+
+def test_check_diff_reports_the_change_and_changes_nothing(target: Target) -> None:
+    variables = target.require_converged()
+    before = target.host_state()
+    reloads = len([x for x in target.journal(int(before["pid"])) if x.startswith("reload ")])
+    run = target.play(
+        {**variables, "vcpusched_interval": 7}, "--check", "--diff", label="--check --diff"
+    )
+    assert_ok(run)
+    assert run.statuses(WRITE_CONFIG) == ["changed"]
+    assert "-interval: 2\n+interval: 7\n" in run.output
+    assert run.recap["changed"] >= 1
+    assert target.host_state() == before
+    after = [x for x in target.journal(int(before["pid"])) if x.startswith("reload ")]
+    assert len(after) == reloads
+
+
+def test_rebuilt_wheel_of_same_version_restarts_instead_of_reloading(target: Target) -> None:
+    """A fix shipped without a version bump still reaches the host, together with a config change;
+    the restart picks up both, so the reload the config change asked for is skipped."""
+    variables = target.require_converged()
+    old_pid = target.main_pid()
+    source = target.workdir / "rebuilt-src"
+    shutil.copytree(REPO / "agent", source / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, source / name)
+    build_id = uuid.uuid4().hex
+    (source / "agent/vcpusched/_build_id.py").write_text(f'BUILD = "{build_id}"\n')
+    wheels = build_wheels(source, target.workdir / "rebuilt-wheels")
+    (old_wheel,) = target.wheels.glob("vcpusched-*.whl")
+    (new_wheel,) = wheels.glob("vcpusched-*.whl")
+    assert new_wheel.name == old_wheel.name  # same version
+    assert local_sha256(new_wheel) != local_sha256(old_wheel)
+
+    # A wheel the controller does not ship any more must not stay where pip looks.
+    stale = "/var/cache/vcpusched/wheels/voluptuous-99.0-py3-none-any.whl"
+    target.sh(
+        f"cp /var/cache/vcpusched/wheels/voluptuous-*.whl /tmp/v.whl && mv /tmp/v.whl {stale}"
+    )
+
+    target.wheels = wheels
+    changed = {**variables, "vcpusched_thresholds_high": 85}
+    run = target.play(changed, label="rebuilt wheel, same version + config change")
+    assert_ok(run)
+    assert run.statuses("Remove wheels the controller no longer ships") == ["changed"]
+    assert target.sh(f"test -e {stale} && echo present || echo absent").strip() == "absent"
+    assert run.statuses(REINSTALL) == ["changed"], run.summary()
+    assert run.statuses(RESTART, "handler") == ["changed"], run.summary()
+    assert run.statuses(RELOAD, "handler") == ["skipping"], run.summary()
+
+    new_pid = target.main_pid()
+    assert new_pid != old_pid
+    installed = target.sh(
+        "/opt/vcpusched/bin/python -c 'import vcpusched._build_id as b; print(b.BUILD)'"
+    )
+    assert installed.strip() == build_id
+    start = target.wait_for_line(new_pid, r"^start ")
+    assert "thresholds=60/75/85" in start, start
+    target.wait_for_line(new_pid, r"^connected uri=qemu:///system\b")
+    assert not [x for x in target.journal(new_pid) if x.startswith("reload ")]
+    target.converged = changed
+
+    again = target.play(changed, label="run after the upgrade (idempotence)")
+    assert_ok(again)
+    assert again.recap["changed"] == 0, again.changed_steps()
+    assert target.main_pid() == new_pid
