@@ -50,6 +50,8 @@ class Vcpu:
     demand: float
     affinity: frozenset[int]
     excluded: bool = False
+    # Standard deviation of `demand` from one interval to the next, where it is known.
+    noise: float = 0.0
 
     @property
     def pcpu(self) -> int | None:

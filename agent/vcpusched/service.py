@@ -34,6 +34,7 @@ class Agent:
         self.original: dict[VcpuRef, frozenset[int]] = {}
         self.changed: set[VcpuRef] = set()
         self.balanced: bool | None = None
+        self.smoother = stats.Smoother(min_jump=config.min_gain)
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
 
@@ -43,6 +44,7 @@ class Agent:
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
         self.last = None
+        self.smoother.forget()
 
     def step(self) -> list[Move]:
         """One cycle: sample, compare with the previous sample, plan, pin. Returns the moves."""
@@ -51,9 +53,10 @@ class Agent:
         before, self.last = self.last, sample
         if before is None:
             return []
-        snapshot = stats.snapshot(before, sample, self.excluded)
-        if snapshot is None:
+        measured = stats.snapshot(before, sample, self.excluded)
+        if measured is None:
             return []
+        snapshot = self.smoother.update(measured)
         self.snapshot = snapshot
         moves = policy.plan(snapshot, self.config, frozenset(sample.pcpu_busy_ns))
         if self.config.dry_run:

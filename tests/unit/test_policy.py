@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -260,3 +261,25 @@ def test_move_refs_are_vcpu_refs() -> None:
     snap = snapshot([vcpu("a", 60, 0), vcpu("b", 60, 0)], pcpus=2)
     (move,) = plan(snap, CFG)
     assert isinstance(move.ref, VcpuRef)
+
+
+def test_refine_ignores_gaps_within_the_noise() -> None:
+    # 45+40 beside 37+38: swapping 45 and 40 for a 10-point gain is right when the numbers
+    # are exact, and chasing noise when each vCPU's demand wobbles by 1.5 points (the gap's
+    # error is then 3 points, and noise alone makes either placement look 10 points better).
+    quiet = [vcpu("a", 45, 0), vcpu("b", 40, 0), vcpu("c", 37, 1), vcpu("d", 38, 1)]
+    assert len(plan(snapshot(quiet, pcpus=2), CFG)) == 2  # a swap, trusting the numbers
+    noisy = [dataclasses.replace(v, noise=1.5) for v in quiet]
+    assert plan(snapshot(noisy, pcpus=2), CFG) == []
+
+
+def test_swap_log_loads_are_from_before_the_swap() -> None:
+    vcpus = [
+        vcpu("h0", 50, 0, demand=100),
+        vcpu("h1", 50, 0, demand=100),
+        vcpu("l0", 50, 1, demand=50),
+        vcpu("l1", 50, 1, demand=50),
+    ]
+    out, back = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert (out.src_load, out.dst_load) == (200, 100)
+    assert (back.src_load, back.dst_load) == (100, 200)

@@ -174,10 +174,6 @@ def test_large_host_is_balanced_like_the_greedy_bound() -> None:
     assert ours.sd <= best.sd + 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the policy still swaps vCPUs on ±5% noise (refine pass); see docs/benchmark.md",
-)
 @pytest.mark.parametrize("name", ["noise", "round-robin-noise", "phases-noise"])
 def test_noise_causes_no_move_after_convergence(name: str) -> None:
     result = ran(name, cycles=300).results[OURS]

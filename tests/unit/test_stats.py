@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from vcpusched.model import HostSample, VcpuCounters, VcpuRef
-from vcpusched.stats import snapshot
+from vcpusched.model import HostSample, Snapshot, Vcpu, VcpuCounters, VcpuRef
+from vcpusched.stats import Smoother, snapshot
 
 A, B = VcpuRef("a", 0), VcpuRef("b", 0)
 ONE = frozenset({1})
@@ -62,3 +64,51 @@ def test_excluded_flag() -> None:
     snap = snapshot(before, after, lambda d: d == "b")
     assert snap is not None
     assert [v.excluded for v in snap.vcpus] == [False, True]
+
+
+def _snap(loads: dict[str, float], pins: dict[str, int]) -> Snapshot:
+    vcpus = tuple(
+        Vcpu(VcpuRef(n, 0), load, load, frozenset({pins[n]})) for n, load in loads.items()
+    )
+    util: dict[int, float] = {0: 0.0, 1: 0.0}
+    for n, load in loads.items():
+        util[pins[n]] += load
+    return Snapshot(pcpu_load=util, vcpus=vcpus)
+
+
+def test_smoother_estimates_noise_and_steadies_loads() -> None:
+    rng = random.Random(3)
+    smoother = Smoother()
+    out = None
+    raw = []
+    for _ in range(200):
+        value = 40 + rng.gauss(0, 2)
+        raw.append(value)
+        out = smoother.update(_snap({"a": value}, {"a": 0}))
+    assert out is not None
+    (vcpu,) = out.vcpus
+    # The noise estimate is of the steadied value: sigma 2 shrunk by sqrt(0.3 / 1.7).
+    assert vcpu.noise == pytest.approx(2 * Smoother.SHRINK, rel=0.5)
+    assert abs(vcpu.demand - 40) < 3
+    assert out.pcpu_load[0] == pytest.approx(vcpu.load)
+
+
+def test_smoother_follows_a_real_change_at_once() -> None:
+    smoother = Smoother()
+    for i in range(10):
+        smoother.update(_snap({"a": 40 + (i % 2)}, {"a": 0}))
+    out = smoother.update(_snap({"a": 90}, {"a": 0}))
+    assert out.vcpus[0].demand == 90
+    assert out.pcpu_load[0] == 90
+
+
+def test_smoother_keeps_host_work_as_measured() -> None:
+    smoother = Smoother()
+    snap = _snap({"a": 30}, {"a": 0})
+    with_host = Snapshot(pcpu_load={0: 50.0, 1: 0.0}, vcpus=snap.vcpus)
+    smoother.update(with_host)
+    out = smoother.update(
+        Snapshot(pcpu_load={0: 51.0, 1: 0.0}, vcpus=_snap({"a": 31}, {"a": 0}).vcpus)
+    )
+    # 20 points of host work stay; the vCPU's part is the steadied 30.3.
+    assert out.pcpu_load[0] == pytest.approx(51 - 31 + 30.3)
