@@ -8,7 +8,6 @@ nspawn asks the (absent) host systemd for a scope and fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
@@ -60,6 +59,7 @@ class Container:
     name: str
     port: int = field(default_factory=free_port)
     pid: int | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def root(self) -> Path:
@@ -115,6 +115,7 @@ class Container:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self.process = process
         self.pid = process.pid
         self.pidfile.write_text(f"{process.pid}\n")
         deadline = time.monotonic() + timeout
@@ -184,28 +185,37 @@ class Container:
             f"ansible_ssh_private_key_file={self.key} ansible_ssh_common_args='{ssh_args}'\n"
         )
 
-    def stop(self) -> None:
-        """One SIGTERM makes nspawn halt the container cleanly; SIGKILL only if that stalls."""
-        if self.pid is not None and nspawn_alive(self.pid, self.root):
+    def stop(self) -> int | None:
+        """One SIGTERM makes nspawn halt the container cleanly; SIGKILL only if that stalls.
+
+        Returns nspawn's exit status when it was our child (0: the container powered off).
+        """
+        status = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    status = self.process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            else:
+                status = self.process.returncode
+        elif self.pid is not None and nspawn_alive(self.pid, self.root):
+            # Recorded by an earlier run, so not our child: poll instead of wait.
             os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT
             while nspawn_alive(self.pid, self.root) and time.monotonic() < deadline:
-                _reap(self.pid)
                 time.sleep(0.2)
             if nspawn_alive(self.pid, self.root):
                 os.kill(self.pid, signal.SIGKILL)
-                time.sleep(0.5)
-            _reap(self.pid)
+        self.process = None
         self.pid = None
         self.pidfile.unlink(missing_ok=True)
+        return status
 
     def remove(self) -> None:
         left = mounts_under(self.workdir)
         if left:
             raise ContainerError(f"refusing to delete {self.workdir}: still mounted: {left}")
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)

@@ -212,12 +212,12 @@ def target() -> Iterator[Target]:
         yield target
     finally:
         step = time.monotonic()
-        container.stop()
+        status = container.stop()
         if container.console.exists():
             shutil.copyfile(container.console, CONSOLE_LOG)
         container.remove()
         after = [
-            _line("stop container, delete its tree", time.monotonic() - step),
+            _line(f"stop container (nspawn exit {status}), delete it", time.monotonic() - step),
             _line("whole role test (fixture lifetime)", time.monotonic() - started),
         ]
         _report(lines, target, after)
