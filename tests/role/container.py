@@ -96,7 +96,8 @@ class Container:
             f"Port {self.port}\nListenAddress 127.0.0.1\n"
         )
 
-    def boot(self, timeout: float = 90.0) -> None:
+    def boot(self, timeout: float = 90.0) -> tuple[str, str]:
+        """Start the container; return systemd's state once booted and any failed units."""
         command = [
             "systemd-nspawn",
             "--directory",
@@ -133,9 +134,12 @@ class Container:
         state = self.ssh(
             "timeout 60 systemctl is-system-running --wait", check=False, timeout=90
         ).stdout.strip()
-        if state != "running":
-            failed = self.ssh("systemctl --failed --no-legend", check=False).stdout
+        failed = self.ssh("systemctl --failed --no-legend --plain", check=False).stdout.strip()
+        # "degraded" (some unit failed) is tolerated and reported: the tests themselves show
+        # whether what the role needs (sshd, journald, rsyslog, libvirtd) works.
+        if state not in ("running", "degraded"):
             raise ContainerError(f"container booted into state {state!r}; failed units:\n{failed}")
+        return state, failed
 
     def ssh_command(self, command: str) -> list[str]:
         return [

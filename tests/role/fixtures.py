@@ -204,8 +204,12 @@ def target() -> Iterator[Target]:
         container.unpack(tarball)
         lines.append(_line("unpack rootfs", time.monotonic() - step))
         step = time.monotonic()
-        container.boot()
-        lines.append(_line("boot until ssh and is-system-running", time.monotonic() - step))
+        state, failed = container.boot()
+        lines.append(
+            _line(f"boot until ssh and is-system-running ({state})", time.monotonic() - step)
+        )
+        if failed:
+            lines.append(f"  failed units in the container: {failed}")
         inventory = workdir / "inventory"
         inventory.write_text(container.inventory())
         target = Target(container, workdir, inventory, wheels)
