@@ -1,0 +1,1 @@
+"""The libvirt + QEMU lab: real libvirtd, tiny TCG guests with set loads (see lab.py)."""

@@ -1,0 +1,3 @@
+from tests.lab.fixtures import vmlab
+
+__all__ = ["vmlab"]
