@@ -65,7 +65,7 @@ class Config:
     exclude: tuple[str, ...] = ()
     cpus: frozenset[int] | None = None
     uri: str = "qemu:///system"
-    pidfile: Path = Path("/run/vcpusched.pid")
+    pidfile: Path = Path("/run/vcpusched/vcpusched.pid")
     dry_run: bool = False
     restore_on_exit: bool = False
     log_level: str = "info"

@@ -24,7 +24,10 @@ class PidFile:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        # The pidfile has a directory of its own (the unit's RuntimeDirectory, where only it
+        # is writable); without systemd, make it.
         try:
+            self.path.parent.mkdir(mode=0o755, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise PidfileError(f"cannot create pidfile {self.path}: {exc.strerror}") from None

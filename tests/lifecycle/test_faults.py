@@ -80,12 +80,14 @@ def test_two_agents_started_at_the_same_instant(tmp_path: Path, agents: list[Age
 def test_unusable_pidfile_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    config = write_config(tmp_path / "c.yaml", blocker / "a.pid")
+    config = write_config(tmp_path / "c.yaml", blocker / "run" / "a.pid")
     result = subprocess.run(
         [*AGENT, "run", "--config", str(config)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 1
-    assert result.stderr == f"vcpusched: cannot create pidfile {blocker}/a.pid: Not a directory\n"
+    assert (
+        result.stderr == f"vcpusched: cannot create pidfile {blocker}/run/a.pid: Not a directory\n"
+    )
 
 
 def test_no_syslog_socket_in_the_foreground_logs_to_stderr(

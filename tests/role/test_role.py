@@ -7,6 +7,7 @@ to a rebuilt wheel of the same version.
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from typing import Any
@@ -81,6 +82,30 @@ def test_first_converge_installs_configures_and_starts(target: Target) -> None:
     # rsyslog got it too, under the agent's own tag.
     assert any("connected uri=qemu:///system" in line for line in target.syslog(pid)), connected
     target.converged = dict(BASE)
+
+
+def test_agent_runs_sandboxed(target: Target) -> None:
+    """The unit's sandbox holds: no capability, pidfile in its own directory, and systemd
+    rates the exposure as OK or better (at most 4.0), with the agent connected as shown above."""
+    target.require_converged()
+    pid = target.main_pid()
+    status = target.sh(f"grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/{pid}/status")
+    fields = dict(line.split(":\t") for line in status.strip().splitlines())
+    assert int(fields["CapEff"], 16) == 0, status
+    assert int(fields["CapBnd"], 16) == 0, status
+    assert fields["NoNewPrivs"] == "1", status
+    assert target.sh("cat /run/vcpusched/vcpusched.pid").strip() == str(pid)
+    # A file system it must not write is read-only to it, root or not.
+    probe = target.container.ssh(
+        f"nsenter -t {pid} -m sh -c 'touch /etc/vcpusched-probe' 2>&1", check=False
+    )
+    assert "Read-only file system" in probe.stdout, probe.stdout
+    report = target.sh("systemd-analyze security vcpusched --no-pager")
+    match = re.search(r"Overall exposure level for vcpusched.service: ([0-9.]+) (\w+)", report)
+    assert match, report
+    score = float(match.group(1))
+    print(f"systemd-analyze security vcpusched: {score} {match.group(2)}")
+    assert score <= 4.0, report
 
 
 def test_second_run_changes_nothing(target: Target) -> None:

@@ -25,5 +25,12 @@ def test_stale_file_is_taken_over(tmp_path: Path) -> None:
 
 
 def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(PidfileError, match=r"cannot create pidfile .*/none/a\.pid: No such file"):
-        PidFile(tmp_path / "none" / "a.pid").acquire()
+    with pytest.raises(
+        PidfileError, match=r"cannot create pidfile .*/none/deeper/a\.pid: No such file"
+    ):
+        PidFile(tmp_path / "none" / "deeper" / "a.pid").acquire()
+
+
+def test_missing_directory_of_its_own_is_made(tmp_path: Path) -> None:
+    with PidFile(tmp_path / "run" / "a.pid"):
+        assert (tmp_path / "run").is_dir()

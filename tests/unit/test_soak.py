@@ -20,13 +20,15 @@ def _churning_domains(rng: random.Random, pcpus: int) -> list[DomainSpec]:
         start = 0.0 if i < 12 else rng.uniform(0, CYCLES)
         life = rng.uniform(20, 3_000)
         stop = start + life if start + life < CYCLES else None
-        domains.append(DomainSpec(
-            name=f"vm{i:03d}",
-            loads=tuple(constant(rng.uniform(0, 100), noise=0.10) for _ in range(vcpus)),
-            affinity=tuple(frozenset(range(pcpus)) for _ in range(vcpus)),
-            start=start,
-            stop=stop,
-        ))
+        domains.append(
+            DomainSpec(
+                name=f"vm{i:03d}",
+                loads=tuple(constant(rng.uniform(0, 100), noise=0.10) for _ in range(vcpus)),
+                affinity=tuple(frozenset(range(pcpus)) for _ in range(vcpus)),
+                start=start,
+                stop=stop,
+            )
+        )
     return domains
 
 
@@ -48,9 +50,11 @@ def test_ten_thousand_cycles_of_churn_and_noise() -> None:
     finally:
         tracemalloc.stop()
     growth = current - baseline
-    print(f"soak: {CYCLES} cycles, up to {peak_domains} domains at once, "
-          f"{host.pin_changes} pin changes, traced memory growth after warm-up "
-          f"{growth / 1024:.1f} KiB")
+    print(
+        f"soak: {CYCLES} cycles, up to {peak_domains} domains at once, "
+        f"{host.pin_changes} pin changes, traced memory growth after warm-up "
+        f"{growth / 1024:.1f} KiB"
+    )
     assert growth < 1024 * 1024
     # The agent forgets vanished domains: it holds no more than what runs now.
     assert len({r.domain for r in agent.original}) <= peak_domains
