@@ -78,12 +78,19 @@ class Agent:
                 )
             )
         for domain in sorted(known - current):
-            log.info(event("gone", domain=domain))
-        for ref in [r for r in self.original if r.domain not in current]:
-            del self.original[ref]
-            self.changed.discard(ref)
+            self._forget(domain)
         for ref, counters in sample.vcpus.items():
             self.original.setdefault(ref, counters.affinity)
+
+    def _forget(self, domain: str, during: str | None = None) -> None:
+        """One line per vanished domain: whether the sample or a pin noticed it first."""
+        refs = [r for r in self.original if r.domain == domain]
+        if not refs:
+            return
+        log.info(event("gone", domain=domain, during=during))
+        for ref in refs:
+            del self.original[ref]
+            self.changed.discard(ref)
 
     def _apply(self, moves: list[Move]) -> list[Move]:
         applied = []
@@ -91,7 +98,7 @@ class Agent:
             try:
                 self.host.pin(move.ref, frozenset((move.dst,)))
             except DomainGone:
-                log.info(event("gone", domain=move.ref.domain, during="pin"))
+                self._forget(move.ref.domain, during="pin")
                 continue
             except PinError as exc:
                 log.error(

@@ -1,0 +1,93 @@
+"""The agent's cycle on the simulator: what it logs and what it pins, without libvirt."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from vcpusched.config import Config
+from vcpusched.host import DomainGone
+from vcpusched.model import HostSample, VcpuRef
+from vcpusched.service import Agent
+from vcpusched.sim import DomainSpec, SimHost, constant
+
+ALL = frozenset({0, 1})
+
+
+def _host(*loads: float, pin: frozenset[int] = ALL, stop: float | None = None) -> SimHost:
+    domains = [
+        DomainSpec(f"vm{i}", (constant(load),), (pin,), stop=stop if i == 0 else None)
+        for i, load in enumerate(loads)
+    ]
+    return SimHost(2, domains)
+
+
+def _run(agent: Agent, host: SimHost, cycles: int) -> None:
+    for _ in range(cycles):
+        agent.step()
+        host.tick(1.0)
+
+
+class _VanishesAtPin(SimHost):
+    """vm0 is gone by the time its pin is made, though the sample before still had it."""
+
+    gone = False
+
+    def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:
+        if ref.domain == "vm0":
+            self.gone = True
+            raise DomainGone(ref)
+        super().pin(ref, pcpus)
+
+    def sample(self) -> HostSample:
+        sample = super().sample()
+        if self.gone:
+            vcpus = {r: c for r, c in sample.vcpus.items() if r.domain != "vm0"}
+            return HostSample(sample.clock, sample.pcpu_busy_ns, vcpus)
+        return sample
+
+
+def test_a_domain_gone_between_sample_and_pin_is_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = _VanishesAtPin(2, [DomainSpec(f"vm{i}", (constant(50),), (ALL,)) for i in range(3)])
+    agent = Agent(host, Config())
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 6)
+    gone = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gone ")]
+    assert gone == ["gone domain=vm0 during=pin"]
+    assert all(ref.domain != "vm0" for ref in agent.original)
+
+
+def test_restore_puts_back_first_seen_pins() -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    _run(agent, host, 3)
+    pins = {ref: c.affinity for ref, c in host.sample().vcpus.items()}
+    assert sorted(len([p for p in pins.values() if p == {n}]) for n in (0, 1)) == [2, 2]
+    agent.restore()
+    assert {c.affinity for c in host.sample().vcpus.values()} == {frozenset({0})}
+
+
+def test_dry_run_logs_a_plan_once_and_pins_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config(dry_run=True))
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 8)
+    moves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("move ")]
+    assert len(moves) == 2
+    assert all(m.endswith(" dry_run=1") for m in moves)
+    assert host.pin_changes == 0
+
+
+def test_balanced_is_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    host = _host(60, 60, 30, 30, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("balanced ") for m in messages) == 1
+    assert messages.index(next(m for m in messages if m.startswith("balanced "))) > max(
+        i for i, m in enumerate(messages) if m.startswith("move ")
+    )
