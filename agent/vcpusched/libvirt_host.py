@@ -93,9 +93,7 @@ class LibvirtHost:
                 stats = conn.getCPUStats(pcpu, 0)
                 busy[pcpu] = int(stats.get("kernel", 0)) + int(stats.get("user", 0))
             clock = time.monotonic()
-            records = conn.getAllDomainStats(
-                libvirt.VIR_DOMAIN_STATS_VCPU, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-            )
+            records = self._domain_stats(conn)
         except libvirt.libvirtError as exc:
             raise self._lost("sampling failed", exc) from None
         vcpus: dict[VcpuRef, VcpuCounters] = {}
@@ -117,6 +115,23 @@ class LibvirtHost:
         for name in set(self._domains) - seen:
             del self._domains[name]
         return HostSample(clock=clock, pcpu_busy_ns=busy, vcpus=vcpus)
+
+    @staticmethod
+    def _domain_stats(conn: Any) -> list[tuple[Any, dict[str, Any]]]:
+        # A domain that stops while the bulk call walks the list can fail the whole call;
+        # asking again gets the list without it.
+        attempts = 3
+        while True:
+            try:
+                records: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
+                    libvirt.VIR_DOMAIN_STATS_VCPU,
+                    libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
+                )
+                return records
+            except libvirt.libvirtError as exc:
+                attempts -= 1
+                if exc.get_error_code() not in _GONE or not attempts:
+                    raise
 
     def _track(self, name: str, handle: Any) -> _Domain | None:
         run_id = handle.ID()
