@@ -226,8 +226,8 @@ def sd(values: Iterable[float]) -> float:
     return statistics.pstdev(vals) if len(vals) > 1 else 0.0
 
 
-# One reading: (monotonic time, /proc/stat per pCPU, total vCPU ns of all domains)
-_Sample = tuple[float, dict[int, tuple[int, int]], int]
+# One reading: (monotonic time, /proc/stat per pCPU, vCPU ns of each running domain)
+_Sample = tuple[float, dict[int, tuple[int, int]], dict[str, int]]
 
 
 class StatSampler:
@@ -264,7 +264,7 @@ class StatSampler:
             self._sample()
 
     def _sample(self) -> None:
-        vcpu_ns = 0
+        vcpu_ns: dict[str, int] = {}
         if self._conn is not None:
             try:
                 records = self._conn.getAllDomainStats(
@@ -273,8 +273,8 @@ class StatSampler:
                 )
             except libvirt.libvirtError:
                 return
-            for _, stats in records:
-                vcpu_ns += sum(
+            for dom, stats in records:
+                vcpu_ns[dom.name()] = sum(
                     int(v)
                     for k, v in stats.items()
                     if k.startswith("vcpu.") and k.endswith(".time")
@@ -293,13 +293,14 @@ class StatSampler:
         return utilization(first[1], last[1])
 
     def foreign(self, start: float, end: float) -> float:
-        """Host busy time in the window beyond all domains' vCPU time, in points of one pCPU.
+        """Host busy time in the window beyond the domains' vCPU time, in points of one pCPU.
 
-        Only meaningful while no domain starts or stops inside the window.
+        A domain that starts or stops inside the window counts as foreign for that window.
         """
         first, last = self._bounds(start, end)
         busy = sum(utilization(first[1], last[1]).values())
-        return busy - (last[2] - first[2]) / 1e9 / (last[0] - first[0]) * 100
+        vcpu_ns = sum(ns - first[2][d] for d, ns in last[2].items() if d in first[2])
+        return busy - vcpu_ns / 1e9 / (last[0] - first[0]) * 100
 
 
 def vcpu_time_ns(dom: libvirt.virDomain) -> int:
@@ -702,6 +703,17 @@ class PinWatcher:
                 elif old != cpus:
                     self.changes.append(PinChange(t, key[0], key[1], old, cpus))
             self.current = now
+
+    def pins_at(self, domain: str, vcpu: int, at: float) -> frozenset[int] | None:
+        """The pins a vCPU had at monotonic time `at`, from what was seen of it."""
+        with self._lock:
+            pins = self.first_seen.get((domain, vcpu))
+            for c in self.changes:
+                if c.at > at:
+                    break
+                if (c.domain, c.vcpu) == (domain, vcpu):
+                    pins = c.new
+            return pins
 
     def snapshot(self) -> tuple[list[PinChange], dict[tuple[str, int], frozenset[int]]]:
         with self._lock:
