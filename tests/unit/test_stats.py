@@ -112,3 +112,20 @@ def test_smoother_keeps_host_work_as_measured() -> None:
     )
     # 20 points of host work stay; the vCPU's part is the steadied 30.3.
     assert out.pcpu_load[0] == pytest.approx(51 - 31 + 30.3)
+
+
+def test_wait_counts_as_demand_only_on_a_saturated_pcpu() -> None:
+    before = sample(0.0, {0: 0, 1: 0}, {A: (0, 0), B: (0, 0)})
+    after = HostSample(
+        clock=1.0,
+        pcpu_busy_ns={0: 999_000_000, 1: 800_000_000},
+        vcpus={
+            A: VcpuCounters(500_000_000, 500_000_000, frozenset({0})),
+            B: VcpuCounters(400_000_000, 200_000_000, frozenset({1})),
+        },
+    )
+    snap = snapshot(before, after)
+    assert snap is not None
+    a, b = snap.vcpus
+    assert a.demand == pytest.approx(100.0)  # pCPU 0 is full: its wait is unmet demand
+    assert b.demand == pytest.approx(40.0)  # pCPU 1 has time to spare: wait is overlap
