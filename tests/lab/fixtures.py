@@ -24,6 +24,8 @@ TEST_PREFIXES = (f"{PREFIX}t-", f"{PREFIX}e2e-")
 
 @pytest.fixture(scope="session")
 def vmlab() -> Iterator[Lab]:
+    # Each conftest that imports this gets its own instance; the second finds the first's
+    # libvirtd answering and leaves stopping it to the first.
     if os.geteuid() != 0:
         pytest.fail("lab tests need root (libvirtd, QEMU): run as root, or deselect -m 'not lab'")
     lab = Lab()
@@ -35,7 +37,6 @@ def vmlab() -> Iterator[Lab]:
         for prefix in TEST_PREFIXES:
             lab.destroy_prefix(prefix)  # leftovers of an interrupted run
         lab.work_per_ms()  # calibrate now, outside any test's timing
-        (lab.state / "results" / "summary.txt").unlink(missing_ok=True)
     except LabError as exc:
         pytest.fail(f"lab unusable: {exc}")
     try:
@@ -53,6 +54,8 @@ def record_result(lab: Lab, name: str, result: dict[str, Any]) -> None:
     """Print a test's numbers and keep them in <state>/results/<name>.json for reports."""
     out = lab.state / "results"
     out.mkdir(parents=True, exist_ok=True)
+    if not RESULTS:  # the first result of this run starts a new summary
+        (out / "summary.txt").unlink(missing_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     line = f"[{name}] " + " ".join(f"{k}={_short(v)}" for k, v in result.items())
     RESULTS.append({"name": name, "line": line})
