@@ -178,9 +178,12 @@ class Agent:
             return bad + list(self.other)
 
 
-def cycles_between(start: float, end: float) -> int:
-    """Agent cycles from `start` to `end`, counting a started cycle."""
-    return max(0, math.ceil((end - start) / INTERVAL - 0.25))
+def cycles_to(started: float, event: float, change: float) -> int:
+    """Agent cycles from the first one after `event` to the one that made `change` (1 = that
+    first one). The agent samples at `started` and then every INTERVAL; its first decision is
+    one interval after it starts."""
+    first = max(1, math.ceil((event - started) / INTERVAL - 0.05))
+    return max(1, round((change - started) / INTERVAL) - first + 1)
 
 
 @dataclass
