@@ -43,7 +43,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vcpusched.config import Config
-from vcpusched.model import Move, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, Move, Snapshot, Vcpu, VcpuRef
+
+FULL = 100.0
 
 # How many standard deviations of measurement noise a refining move must clear (beyond
 # min_gain) before it is trusted.
@@ -68,6 +70,18 @@ class _Pcpu:
     vcpus: list[Vcpu] = field(default_factory=list)
     fixed: int = 0  # anchored here but not movable (excluded)
     noise2: float = 0.0  # variance of `load`, from its vCPUs' noise
+    busy: float = 0.0  # measured utilization, then what the plan's moves make of it
+
+    def fits(self, incoming: float, outgoing: float = 0.0) -> bool:
+        """Whether this pCPU has room for the CPU time the incoming vCPUs actually received.
+
+        A vCPU's demand on a full pCPU is only an upper bound (one that falls behind stays
+        runnable, so its wait reads as a whole pCPU), but the time it received is real. Moving
+        work onto a pCPU that is already full, or that the received time would fill, cannot
+        raise anyone's share under a fair scheduler: it only moves the waiting elsewhere. On
+        the lab, allowing it made two pCPUs near 100% trade vCPUs back and forth.
+        """
+        return self.busy < SATURATED and self.busy - outgoing + incoming <= FULL
 
     @property
     def count(self) -> int:
@@ -76,11 +90,13 @@ class _Pcpu:
     def add(self, vcpu: Vcpu) -> None:
         bisect.insort(self.vcpus, vcpu, key=_order)
         self.load += vcpu.demand
+        self.busy += vcpu.load
         self.noise2 += vcpu.noise**2
 
     def remove(self, vcpu: Vcpu) -> None:
         del self.vcpus[bisect.bisect_left(self.vcpus, _order(vcpu), key=_order)]
         self.load -= vcpu.demand
+        self.busy -= vcpu.load
         self.noise2 -= vcpu.noise**2
 
     def nearest(self, want: float, lo: float, hi: float) -> Vcpu | None:
@@ -182,7 +198,7 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
     floating = [v for v in to_place if v.pcpu is None]
     loads = pcpu_loads(snapshot, floating)
-    pcpu = {n: _Pcpu(n, loads[n]) for n in loads}
+    pcpu = {n: _Pcpu(n, loads[n], busy=snapshot.pcpu_load[n]) for n in loads}
     for vcpu in snapshot.vcpus:
         home = vcpu.pcpu
         if home is None or home not in pcpu:
@@ -263,7 +279,7 @@ def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
                 vcpu = src.nearest(want, half_gain, gap / 2) or src.nearest(
                     want, math.nextafter(gap / 2, math.inf), gap - half_gain
                 )
-                if vcpu is not None:
+                if vcpu is not None and dst.fits(vcpu.load):
                     chosen = (vcpu, src, dst)
                     break
             if chosen:
@@ -312,6 +328,8 @@ def _best_step(
                 continue
             half = need / 2
             out = src.nearest(gap / 2, half, gap - half)
+            if out is not None and not dst.fits(out.load):
+                out = None
             move_gain = _gain(gap, out.demand) if out is not None else 0.0
             if out is not None and (best is None or move_gain > best[0]):
                 best = (move_gain, dst, out, None)
@@ -329,7 +347,7 @@ def _best_step(
                     swap_out.demand - (gap - half),
                     swap_out.demand - half,
                 )
-                if back is None:
+                if back is None or not dst.fits(swap_out.load, back.load):
                     continue
                 gain = _gain(gap, swap_out.demand - back.demand)
                 if gain >= need_swap and (best is None or gain > best[0]):

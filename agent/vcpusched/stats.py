@@ -9,17 +9,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
-from vcpusched.model import HostSample, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, HostSample, Snapshot, Vcpu, VcpuRef
 
 log = logging.getLogger(__name__)
 
 
-# Wait time means unmet demand only where the pCPU had no time to spare. Elsewhere it is the
-# brief overlap of vCPUs that take turns on a pCPU they do not fill (measured on the lab: two
-# 40% guests sharing a pCPU each showed about 20 points of wait, and guests adding up to 90%
-# read 97% busy with QEMU's own overhead), and counting it as demand would chase noise. A
-# pCPU whose demand really exceeds it reads 100%.
-SATURATED = 99.0
 
 
 def _percent(delta_ns: int, elapsed_s: float) -> float:

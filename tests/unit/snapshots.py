@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from vcpusched.model import Snapshot, Vcpu, VcpuRef
+from vcpusched.sim import fair_shares
 
 
 def vcpu(
@@ -33,16 +36,26 @@ def vcpu(
 def snapshot(
     vcpus: list[Vcpu], pcpus: int, background: dict[int, float] | None = None, cap: bool = True
 ) -> Snapshot:
-    """Utilization as the host would measure it: pinned loads plus background, capped at 100;
-    unpinned vCPUs are spread evenly over their allowed pCPUs. Without the cap, loads drawn
-    at random stay consistent with the utilization even where no real host could run them."""
-    util = {p: (background or {}).get(p, 0.0) for p in range(pcpus)}
-    for v in vcpus:
+    """Utilization as the host would measure it. With `cap`, a pCPU shares its time max-min
+    fairly, as the kernel does: each pinned vCPU's received `load` is recomputed from the
+    demands, and utilization stops at 100. Without it, the loads are taken as given and may add
+    up past 100, which no host shows but which exercises the arithmetic alone. Unpinned vCPUs
+    are spread evenly over their allowed pCPUs."""
+    background = background or {}
+    util = {p: background.get(p, 0.0) for p in range(pcpus)}
+    out = list(vcpus)
+    if cap:
+        for p in range(pcpus):
+            members = [i for i, v in enumerate(out) if v.pcpu == p]
+            shares = fair_shares([out[i].demand for i in members], 100.0 - util[p])
+            for i, share in zip(members, shares, strict=True):
+                out[i] = replace(out[i], load=share)
+    for v in out:
         for p in v.affinity:
             if p in util:
                 util[p] += v.load / len(v.affinity)
     return Snapshot(
-        pcpu_load={p: min(100.0, u) if cap else u for p, u in util.items()}, vcpus=tuple(vcpus)
+        pcpu_load={p: min(100.0, u) if cap else u for p, u in util.items()}, vcpus=tuple(out)
     )
 
 

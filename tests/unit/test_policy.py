@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.unit.snapshots import apply, snapshot, vcpu
 from vcpusched.config import Config
-from vcpusched.model import Snapshot, Vcpu, VcpuRef
+from vcpusched.model import Snapshot, VcpuRef
 from vcpusched.policy import pcpu_loads, plan
 
 CFG = Config()
@@ -28,19 +29,26 @@ def test_all_on_one_pcpu_ends_even_with_minimum_moves() -> None:
     assert sorted(after.values()) == [80, 80, 80, 80]
 
 
-def test_saturated_pcpu_is_seen_through_wait_time() -> None:
-    # Heavy + heavy on pCPU0 and light + light on pCPU1: both read 100% busy, every vCPU
-    # receives 50. Only demand (time + wait) shows that a swap doubles a heavy one's share.
+def test_no_swap_between_two_full_pcpus() -> None:
+    # Heavy + heavy on pCPU0 and light + light on pCPU1: both 100% busy, every vCPU receives
+    # 50. Their wait shows pCPU0 wants 200 and pCPU1 100, but under a fair scheduler a swap
+    # changes nobody's share (heavy + light on a full pCPU still get 50 each): leave it.
     vcpus = [
         vcpu("h0", 50, 0, demand=100),
         vcpu("h1", 50, 0, demand=100),
         vcpu("l0", 50, 1, demand=50),
         vcpu("l1", 50, 1, demand=50),
     ]
-    moves = plan(snapshot(vcpus, pcpus=2), CFG)
-    assert len(moves) == 2
-    after = apply(snapshot(vcpus, pcpus=2), moves)
-    assert after == {0: 150, 1: 150}
+    assert plan(snapshot(vcpus, pcpus=2), CFG) == []
+
+
+def test_full_pcpu_sheds_to_one_with_room() -> None:
+    # Two vCPUs that each want a whole pCPU share pCPU0; pCPU1 idles. Their demand (100 each,
+    # from wait) says one should move, and pCPU1 has room for what it receives.
+    vcpus = [vcpu("h0", 50, 0, demand=100), vcpu("h1", 50, 0, demand=100)]
+    (move,) = plan(snapshot(vcpus, pcpus=2), CFG)
+    assert move.dst == 1
+    assert (move.src_load, move.dst_load) == (200, 0)
 
 
 def test_unpinned_heavy_and_light_are_paired() -> None:
@@ -161,7 +169,8 @@ def hosts(draw: st.DrawFn) -> tuple[Snapshot, Config]:
     vcpus = []
     for i in range(n):
         load = draw(st.floats(0, 100, allow_nan=False))
-        demand = draw(st.floats(load, 100, allow_nan=False))
+        # Demand above load only on a full pCPU, which stats.snapshot decides: here, none.
+        demand = load
         pin = draw(st.one_of(st.none(), st.integers(0, pcpus - 1)))
         vcpus.append(
             vcpu(
@@ -217,23 +226,22 @@ def test_property_never_raises_the_highest_load(case: tuple[Snapshot, Config]) -
 
 @given(hosts())
 @settings(max_examples=300, deadline=None)
-def test_property_steady_load_settles_after_one_plan(case: tuple[Snapshot, Config]) -> None:
-    """Apply a plan, measure again with the same loads: the next plan must be empty."""
+def test_property_steady_load_settles(case: tuple[Snapshot, Config]) -> None:
+    """Apply each plan and measure again with the same loads: with every vCPU pinned, the next
+    plan is empty. Placing unpinned vCPUs works from an estimate of where their load ran, so
+    one correction may follow, and then nothing."""
     snap, cfg = case
-    moves = plan(snap, cfg)
-    where = {m.ref: m.dst for m in moves}
-    moved = [
-        Vcpu(
-            ref=v.ref,
-            load=v.load,
-            demand=v.demand,
-            affinity=frozenset((where[v.ref],)) if v.ref in where else v.affinity,
-            excluded=v.excluded,
-        )
-        for v in snap.vcpus
-    ]
-    again = plan(snapshot(moved, len(snap.pcpu_load), cap=False), cfg)
-    assert again == [], f"second plan moved {again}"
+    floating = any(v.pcpu is None for v in snap.vcpus)
+    for attempt in range(3 if floating else 2):
+        moves = plan(snap, cfg)
+        if attempt == (2 if floating else 1):
+            assert moves == [], f"plan {attempt + 1} moved {moves}"
+        where = {m.ref: m.dst for m in moves}
+        moved = [
+            replace(v, affinity=frozenset((where[v.ref],))) if v.ref in where else v
+            for v in snap.vcpus
+        ]
+        snap = snapshot(moved, len(snap.pcpu_load), cap=False)
 
 
 def test_noise_below_min_gain_never_ping_pongs() -> None:
@@ -274,12 +282,9 @@ def test_refine_ignores_gaps_within_the_noise() -> None:
 
 
 def test_swap_log_loads_are_from_before_the_swap() -> None:
-    vcpus = [
-        vcpu("h0", 50, 0, demand=100),
-        vcpu("h1", 50, 0, demand=100),
-        vcpu("l0", 50, 1, demand=50),
-        vcpu("l1", 50, 1, demand=50),
-    ]
+    # 45+40 beside 38+25: no single move narrows the gap by 5 without overfilling pCPU1, a
+    # swap does.
+    vcpus = [vcpu("a", 45, 0), vcpu("b", 40, 0), vcpu("c", 38, 1), vcpu("d", 25, 1)]
     out, back = plan(snapshot(vcpus, pcpus=2), CFG)
-    assert (out.src_load, out.dst_load) == (200, 100)
-    assert (back.src_load, back.dst_load) == (100, 200)
+    assert (out.src_load, out.dst_load) == (85, 63)
+    assert (back.src_load, back.dst_load) == (63, 85)
