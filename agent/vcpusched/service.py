@@ -29,10 +29,10 @@ class Agent:
         self.config = config
         self.last: HostSample | None = None
         self.snapshot: Snapshot | None = None
-        # Each vCPU's affinity when first seen, and those we changed since: what a restore
-        # on exit puts back.
+        # Each vCPU's affinity when first seen, and the pin we last gave each vCPU we moved:
+        # what a restore on exit puts back, and where it has nothing to do.
         self.original: dict[VcpuRef, frozenset[int]] = {}
-        self.changed: set[VcpuRef] = set()
+        self.changed: dict[VcpuRef, frozenset[int]] = {}
         self.balanced: bool | None = None
         self.smoother = stats.Smoother(min_jump=config.min_gain)
         self._dry_plan: list[tuple[VcpuRef, int]] = []
@@ -90,7 +90,7 @@ class Agent:
         log.info(event("gone", domain=domain, during=during))
         for ref in refs:
             del self.original[ref]
-            self.changed.discard(ref)
+            self.changed.pop(ref, None)
 
     def _apply(self, moves: list[Move]) -> list[Move]:
         applied = []
@@ -111,7 +111,7 @@ class Agent:
                     )
                 )
                 continue
-            self.changed.add(move.ref)
+            self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
             applied.append(move)
             log.info(_move_line(move))
@@ -147,9 +147,9 @@ class Agent:
 
     def restore(self) -> None:
         """Put back the pins each changed vCPU had when first seen."""
-        for ref in sorted(self.changed):
+        for ref, now in sorted(self.changed.items()):
             pcpus = self.original.get(ref)
-            if pcpus is None:
+            if pcpus is None or pcpus == now:
                 continue
             try:
                 self.host.pin(ref, pcpus)

@@ -91,3 +91,17 @@ def test_balanced_is_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -
     assert messages.index(next(m for m in messages if m.startswith("balanced "))) > max(
         i for i, m in enumerate(messages) if m.startswith("move ")
     )
+
+
+def test_restore_skips_a_vcpu_already_back_home() -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    _run(agent, host, 3)
+    moved = sorted(agent.changed)
+    assert moved
+    # As if a later move had taken the first one back to where it started.
+    host.pin(moved[0], frozenset({0}))
+    agent.changed[moved[0]] = frozenset({0})
+    calls = host.pin_calls
+    agent.restore()
+    assert host.pin_calls == calls + len(moved) - 1
