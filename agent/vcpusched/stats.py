@@ -14,8 +14,6 @@ from vcpusched.model import SATURATED, HostSample, Snapshot, Vcpu, VcpuRef
 log = logging.getLogger(__name__)
 
 
-
-
 def _percent(delta_ns: int, elapsed_s: float) -> float:
     # Counters of different precision (10 ms ticks beside exact ns) can step backwards or
     # overshoot a little over a short window; clamp instead of reporting nonsense.
