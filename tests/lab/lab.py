@@ -784,6 +784,9 @@ def down(lab: Lab | None = None) -> None:
     daemon = Libvirtd()
     if daemon.answering():
         lab = lab or Lab()
+        # A connection left idle through the rest of a test session may have been dropped by
+        # libvirtd (no event loop answers its keepalives): start from a fresh one.
+        lab.close()
         lab.destroy_prefix()
         lab.close()
     daemon.stop()
