@@ -1,9 +1,10 @@
 """The `Host` interface over libvirt: the only module that imports libvirt.
 
-A sample costs one bulk call for every domain's vCPU counters plus one node-stats call per
-pCPU, whatever the number of domains. Pins are read once per domain start and then tracked
-from our own pinVcpu calls, with a full re-read every `PIN_REFRESH` samples so that a pin
-changed by someone else is noticed.
+A sample costs one bulk call for every domain's vCPU counters, one node-stats call per pCPU,
+and at most PINS_PER_SAMPLE pin reads, whatever the number of domains. libvirt has no bulk
+call for pins: they are read when a domain starts, tracked from our own pinVcpu calls, and
+re-read a few domains per sample, stalest first, so that a pin someone else changes is seen
+within one sample on a small host and within domains / PINS_PER_SAMPLE samples on any host.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vcpusched.model import HostSample, VcpuCounters, VcpuRef
 
 log = logging.getLogger(__name__)
 
-PIN_REFRESH = 60
+PINS_PER_SAMPLE = 4
 
 # The domain is gone, or no longer running: skip it, the next sample will not list it.
 _GONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
@@ -98,10 +99,12 @@ class LibvirtHost:
             raise self._lost("sampling failed", exc) from None
         vcpus: dict[VcpuRef, VcpuCounters] = {}
         seen: set[str] = set()
+        stalest = sorted(self._domains, key=lambda n: -self._domains[n].age)
+        refresh = set(stalest[:PINS_PER_SAMPLE])
         for handle, stats in records:
             try:
                 name = handle.name()
-                domain = self._track(name, handle)
+                domain = self._track(name, handle, name in refresh)
                 if domain is None:
                     continue
                 seen.add(name)
@@ -133,10 +136,10 @@ class LibvirtHost:
                 if exc.get_error_code() not in _GONE or not attempts:
                     raise
 
-    def _track(self, name: str, handle: Any) -> _Domain | None:
+    def _track(self, name: str, handle: Any, refresh: bool) -> _Domain | None:
         run_id = handle.ID()
         domain = self._domains.get(name)
-        if domain is None or domain.run_id != run_id or domain.age >= PIN_REFRESH:
+        if domain is None or domain.run_id != run_id or refresh:
             pins = [_cpuset(p) for p in handle.vcpuPinInfo(0)]
             domain = _Domain(handle=handle, run_id=run_id, pins=pins)
             self._domains[name] = domain

@@ -111,13 +111,20 @@ def test_libvirtd_killed_and_restarted(vmlab: Lab, guests: str, tmp_path: Path) 
         # Balancing resumes: pile everything onto one pCPU again and watch it spread.
         with Judge() as judge:
             shaken = time.monotonic()
-            judge.external.append((shaken - 0.1, shaken + 1.0))
             for domain, vcpu in balanced:
                 vmlab.pin(domain, vcpu, [PCPUS[0]])
-            agent.wait_for("balanced", timeout=30, after=shaken + 0.5)
+            pinned = time.monotonic()
+            agent.wait_for("balanced", timeout=30, after=pinned)
             time.sleep(0.5)
-        resumed = judge.changes(since=shaken + 1.0, prefix=guests)
-        audit = check_audit(resumed, agent.events())
+        # The test's own pins (onto the first pCPU, seen up to a poll later) are not the
+        # agent's, which only take vCPUs off it.
+        home = frozenset((PCPUS[0],))
+        resumed = [
+            c
+            for c in judge.changes(since=shaken, prefix=guests)
+            if not (c.new == home and c.at <= pinned + 0.5)
+        ]
+        audit = check_audit(resumed, [line for line in agent.events() if line.at >= shaken])
         figures["pin_changes_first"] = len(first)
         figures["pin_changes_after_restarts"] = len(redone)
         figures["pin_changes_resumed"] = len(resumed)
