@@ -44,6 +44,11 @@ def test_sighup_storm_ends_on_last_good_config(tmp_path: Path, agents: list[Agen
     assert agent.stop() == 0
     text = agent.text()
     rejected = [line for line in text.splitlines() if " reload rejected=" in line]
+    applied = [line for line in text.splitlines() if " reload changed=" in line]
+    print(
+        f"SIGHUP storm: 51 signals, {len(applied)} reloads applied, {len(rejected)} files "
+        f"rejected (of {bad_written} bad ones written), agent alive"
+    )
     assert 0 < len(rejected) <= bad_written
     assert all(
         'error="thresholds.low: must be below thresholds.target (80), got 95"' in line
