@@ -65,7 +65,10 @@ def online_pcpus() -> list[int]:
 
 
 def format_cpus(cpus: Iterable[int]) -> str:
-    """Render a pCPU set as libvirt and the agent's audit lines do ("0-2,5")."""
+    """Render a pCPU set as libvirt and the agent's audit lines do ("0-2,5").
+
+    Written here rather than imported from the agent: the judge shares no code with what it
+    judges."""
     ordered = sorted(cpus)
     parts: list[str] = []
     i = 0

@@ -44,6 +44,15 @@ def measure(lab: Lab) -> list[Measurement]:
     return clean
 
 
+def measure_guests(lab: Lab, specs: list[GuestSpec]) -> list[Measurement]:
+    """Boot the guests, measure them, and destroy them whatever happens."""
+    lab.start(specs)
+    try:
+        return measure(lab)
+    finally:
+        lab.destroy(s.name for s in specs)
+
+
 def pcpu_busy(ms: list[Measurement], pcpu: int) -> float:
     return statistics.median(m.pcpu[pcpu] for m in ms)
 
@@ -54,11 +63,7 @@ def test_load_alone_matches_its_setting(vmlab: Lab) -> None:
         GuestSpec("lab-t-alone25", load=25, pin=first),
         GuestSpec("lab-t-alone75", load=75, pin=last),
     ]
-    vmlab.start(specs)
-    try:
-        ms = measure(vmlab)
-    finally:
-        vmlab.destroy(s.name for s in specs)
+    ms = measure_guests(vmlab, specs)
     got = {
         "vcpu25": statistics.median(m.domain["lab-t-alone25"] for m in ms),
         "vcpu75": statistics.median(m.domain["lab-t-alone75"] for m in ms),
@@ -80,11 +85,7 @@ def test_guests_sharing_a_pcpu_add_up(vmlab: Lab) -> None:
         GuestSpec("lab-t-share30", load=30, pin=pcpu),
         GuestSpec("lab-t-share40", load=40, pin=pcpu),
     ]
-    vmlab.start(specs)
-    try:
-        ms = measure(vmlab)
-    finally:
-        vmlab.destroy(s.name for s in specs)
+    ms = measure_guests(vmlab, specs)
     got = {
         "vcpu30": statistics.median(m.domain["lab-t-share30"] for m in ms),
         "vcpu40": statistics.median(m.domain["lab-t-share40"] for m in ms),
@@ -100,11 +101,7 @@ def test_saturated_pcpu_caps_at_100(vmlab: Lab) -> None:
     """60 + 60 on one pCPU: it is full, and each guest gets about half of it."""
     pcpu = online_pcpus()[-1]
     specs = [GuestSpec(f"lab-t-sat{i}", load=60, pin=pcpu) for i in range(2)]
-    vmlab.start(specs)
-    try:
-        ms = measure(vmlab)
-    finally:
-        vmlab.destroy(s.name for s in specs)
+    ms = measure_guests(vmlab, specs)
     loads = [statistics.median(m.domain[s.name] for m in ms) for s in specs]
     got = {"vcpu": loads, "pcpu": pcpu_busy(ms, pcpu)}
     record_result(vmlab, "lab-saturated", got)
