@@ -203,12 +203,11 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
         home = vcpu.pcpu
         if home is None or home not in pcpu:
             continue
+        pcpu[home].noise2 += vcpu.noise**2
         if vcpu.excluded or home not in allowed:
             pcpu[home].fixed += 1
-            pcpu[home].noise2 += vcpu.noise**2
         else:
             bisect.insort(pcpu[home].vcpus, vcpu, key=_order)
-            pcpu[home].noise2 += vcpu.noise**2
     targets = [pcpu[n] for n in sorted(allowed)]
     result = _Plan()
     _place(to_place, pcpu, targets, result)
