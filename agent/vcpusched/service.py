@@ -34,7 +34,7 @@ class Agent:
         self.original: dict[VcpuRef, frozenset[int]] = {}
         self.changed: dict[VcpuRef, frozenset[int]] = {}
         self.balanced: bool | None = None
-        self.smoother = stats.Smoother(min_jump=config.min_gain)
+        self.smoother = stats.Smoother()
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
 
@@ -56,7 +56,8 @@ class Agent:
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
             return []
-        snapshot = self.smoother.update(measured)
+        # Read per cycle, so that a reloaded min_gain applies here as everywhere else.
+        snapshot = self.smoother.update(measured, min_jump=self.config.min_gain)
         self.snapshot = snapshot
         moves = policy.plan(snapshot, self.config, frozenset(sample.pcpu_busy_ns))
         if self.config.dry_run:

@@ -79,14 +79,14 @@ class Smoother:
     SHRINK = (ALPHA / (2 - ALPHA)) ** 0.5
     JUMP_SIGMAS = 4.0
 
-    def __init__(self, min_jump: float = 5.0) -> None:
-        self.min_jump = min_jump
+    def __init__(self) -> None:
         self._state: dict[VcpuRef, tuple[float, float, list[float]]] = {}
 
     def forget(self) -> None:
         self._state.clear()
 
-    def update(self, snapshot: Snapshot) -> Snapshot:
+    def update(self, snapshot: Snapshot, min_jump: float) -> Snapshot:
+        """Steadied loads for `snapshot`; a change above `min_jump` (and the noise) resets."""
         state: dict[VcpuRef, tuple[float, float, list[float]]] = {}
         vcpus = []
         shift: dict[int, float] = defaultdict(float)
@@ -98,7 +98,7 @@ class Smoother:
             else:
                 load, demand, history = prior
                 noise = _step_sigma(history)
-                jump = max(self.JUMP_SIGMAS * noise, self.min_jump)
+                jump = max(self.JUMP_SIGMAS * noise, min_jump)
                 # The received load jumps on its own when a move ends contention: follow it
                 # at once too, or the pCPU it left would look busier than it is.
                 if abs(vcpu.demand - demand) > jump or abs(vcpu.load - load) > jump:

@@ -11,6 +11,7 @@ from vcpusched.host import DomainGone
 from vcpusched.model import HostSample, VcpuRef
 from vcpusched.service import Agent
 from vcpusched.sim import DomainSpec, SimHost, constant
+from vcpusched.sim import phased as sim_phased
 
 ALL = frozenset({0, 1})
 
@@ -105,3 +106,15 @@ def test_restore_skips_a_vcpu_already_back_home() -> None:
     calls = host.pin_calls
     agent.restore()
     assert host.pin_calls == calls + len(moved) - 1
+
+
+def test_a_reloaded_min_gain_reaches_the_smoothing() -> None:
+    # A 40 -> 50 step clears the default 5-point reset and would show at once; after a reload
+    # to min_gain 20 it is averaged in instead.
+    host = SimHost(2, [DomainSpec("vm0", (sim_phased((0.0, 40.0), (5.0, 50.0)),), (ALL,))])
+    agent = Agent(host, Config())
+    _run(agent, host, 4)
+    agent.config = Config(min_gain=20.0)
+    _run(agent, host, 3)  # the last cycle measures the first second at 50
+    assert agent.snapshot is not None
+    assert 42 < agent.snapshot.vcpus[0].demand < 46

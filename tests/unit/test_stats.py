@@ -84,7 +84,7 @@ def test_smoother_estimates_noise_and_steadies_loads() -> None:
     for _ in range(200):
         value = 40 + rng.gauss(0, 2)
         raw.append(value)
-        out = smoother.update(_snap({"a": value}, {"a": 0}))
+        out = smoother.update(_snap({"a": value}, {"a": 0}), min_jump=5.0)
     assert out is not None
     (vcpu,) = out.vcpus
     # The noise estimate is of the steadied value: sigma 2 shrunk by sqrt(0.3 / 1.7).
@@ -96,8 +96,8 @@ def test_smoother_estimates_noise_and_steadies_loads() -> None:
 def test_smoother_follows_a_real_change_at_once() -> None:
     smoother = Smoother()
     for i in range(10):
-        smoother.update(_snap({"a": 40 + (i % 2)}, {"a": 0}))
-    out = smoother.update(_snap({"a": 90}, {"a": 0}))
+        smoother.update(_snap({"a": 40 + (i % 2)}, {"a": 0}), min_jump=5.0)
+    out = smoother.update(_snap({"a": 90}, {"a": 0}), min_jump=5.0)
     assert out.vcpus[0].demand == 90
     assert out.pcpu_load[0] == 90
 
@@ -106,9 +106,10 @@ def test_smoother_keeps_host_work_as_measured() -> None:
     smoother = Smoother()
     snap = _snap({"a": 30}, {"a": 0})
     with_host = Snapshot(pcpu_load={0: 50.0, 1: 0.0}, vcpus=snap.vcpus)
-    smoother.update(with_host)
+    smoother.update(with_host, min_jump=5.0)
     out = smoother.update(
-        Snapshot(pcpu_load={0: 51.0, 1: 0.0}, vcpus=_snap({"a": 31}, {"a": 0}).vcpus)
+        Snapshot(pcpu_load={0: 51.0, 1: 0.0}, vcpus=_snap({"a": 31}, {"a": 0}).vcpus),
+        min_jump=5.0,
     )
     # 20 points of host work stay; the vCPU's part is the steadied 30.3.
     assert out.pcpu_load[0] == pytest.approx(51 - 31 + 30.3)
