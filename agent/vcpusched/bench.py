@@ -87,6 +87,12 @@ class _AgentController:
     def step(self) -> None:
         self.moves = self.agent.step()
 
+    @property
+    def pending(self) -> int:
+        """vCPUs the agent is still measuring before it places them."""
+        snapshot = self.agent.snapshot
+        return 0 if snapshot is None else sum(v.settling for v in snapshot.vcpus)
+
 
 def _controller(name: str, host: SimHost, scenario: Scenario, config: Config) -> Controller:
     if name == OURS:
@@ -107,6 +113,8 @@ class Trace:
     nominal: list[list[float]] = field(default_factory=lambda: [[]])
     # Per cycle 0..N: pin changes made at the end of it, and the time it took.
     moves: list[int] = field(default_factory=list)
+    # Per cycle 0..N: vCPUs left unplaced on purpose at the end of it, to be measured longer.
+    pending: list[int] = field(default_factory=list)
     decide: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     demanded: float = 0.0
@@ -153,6 +161,9 @@ def run(scenario: Scenario, policy_name: str, config: Config | None = None) -> T
             trace.cpu.append(time.process_time() - start)
             trace.decide.append(timer.spent)
             trace.moves.append(host.pin_changes - pins)
+            trace.pending.append(
+                controller.pending if isinstance(controller, _AgentController) else 0
+            )
             if isinstance(controller, _AgentController):
                 trace.log.extend((cycle, move) for move in controller.moves)
             if policy_name == OURS and cycle in starts:
@@ -227,12 +238,15 @@ def balanced(loads: Sequence[float], reference: Sequence[float]) -> bool:
     return sd <= BALANCED_PCT / 100.0 * mean or sd <= _sd(reference) + BALANCED_POINTS
 
 
-def _settled(ok: Sequence[bool], moves: Sequence[int], first: int, last: int) -> int | None:
+def _settled(
+    ok: Sequence[bool], moves: Sequence[int], pending: Sequence[int], first: int, last: int
+) -> int | None:
     """The interval of first..last where the policy converged, or None.
 
     That is the first interval from which the pCPUs stay balanced to the epoch's end and at
-    whose end the policy pins nothing: a policy placing vCPUs on a host that the kernel
-    already keeps balanced has not converged until it is done placing them.
+    whose end the policy pins nothing and holds nothing back: a policy placing vCPUs on a
+    host that the kernel already keeps balanced has not converged until it is done placing
+    them.
     """
     balanced_from: int | None = None
     for s in range(last, first - 1, -1):
@@ -242,7 +256,7 @@ def _settled(ok: Sequence[bool], moves: Sequence[int], first: int, last: int) ->
     if balanced_from is None:
         return None
     for j in range(balanced_from, last + 1):
-        if j >= len(moves) or moves[j] == 0:
+        if j >= len(moves) or (moves[j] == 0 and not pending[j]):
             return j
     return None
 
@@ -261,7 +275,7 @@ def evaluate(trace: Trace, optimum: Trace, minimum: dict[int, int | None]) -> Re
         first = start + 1
         last = starts[k + 1] if k + 1 < len(starts) else n
         own = range(start, last if k + 1 < len(starts) else n + 1)
-        converged = _settled(ok, trace.moves, first, last)
+        converged = _settled(ok, trace.moves, trace.pending, first, last)
         cut = last + 1 if converged is None else converged
         epochs.append(
             Epoch(
@@ -550,8 +564,10 @@ its own simulated host with the same seed: every policy sees the same demands an
 
 - A saturated pCPU is shared max-min fair, as the Linux scheduler shares it: a vCPU wanting
   less than an equal share gets all it wants, the rest is split equally (demands 100 and 60
-  receive 50 and 50; 100 and 20 receive 80 and 20). A vCPU's wait time is what it wanted but
-  did not receive; the agent reads demand as time + wait, as it does from libvirt.
+  receive 50 and 50; 100 and 20 receive 80 and 20). A vCPU that gets less than it wants never
+  idles, and waits all the time it does not run, as the lab's guests do; one that gets all it
+  wants idles and is counted as never waiting. So the agent learns a starved vCPU's demand only
+  once a move gives it room, as on a real host.
 - A vCPU allowed on several pCPUs is run by an ideal work-conserving balancer: it may use any
   spare capacity of its allowed pCPUs, and that load is spread evenly over them. Real kernels
   do worse, so the `no-pin` rows are a best case for "no pinning at all".

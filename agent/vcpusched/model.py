@@ -9,10 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-# A pCPU this busy (percent) has no time to spare: its vCPUs' wait is unmet demand. Below it,
-# wait is the brief overlap of vCPUs taking turns (measured on the lab: two 40% guests sharing
-# a pCPU each showed about 20 points of wait, and guests adding up to 90% read 97% busy with
-# QEMU's own overhead), and counting it as demand would chase noise.
+# A pCPU this busy (percent) has no time to spare: moving work onto it cannot raise anyone's
+# share, only move the waiting there. (Guests adding up to 90% read 97% busy on the lab, with
+# QEMU's own overhead, so the bar sits above that.)
 SATURATED = 99.0
 
 
@@ -58,6 +57,8 @@ class Vcpu:
     excluded: bool = False
     # Standard deviation of `demand` from one interval to the next, where it is known.
     noise: float = 0.0
+    # Floating, and its demand not yet measured over enough intervals to place it by.
+    settling: bool = False
 
     @property
     def pcpu(self) -> int | None:

@@ -5,7 +5,8 @@ How a plan is made, in three passes over an estimate of each pCPU's load:
 1. **Place.** A movable vCPU that may run on several pCPUs (or is pinned outside `cpus`) is
    pinned once, heaviest first, onto the allowed pCPU with the least load, then the fewest of
    its domain's vCPUs, then the fewest vCPUs. With equal loads that spreads vCPUs evenly; with
-   unequal ones it is the classic longest-processing-time partition.
+   unequal ones it is the classic longest-processing-time partition. Floating vCPUs wait
+   while any of them is still `settling` (see `stats.Smoother`): a placement is one partition.
 2. **Relieve (the thresholds).** While a *high* pCPU (load above `high`, more than one vCPU)
    and a *low* one (below `low`) remain, move from the high one the vCPU that brings the low
    one closest to `target`. Among those, a vCPU that leaves the high pCPU at least as loaded
@@ -30,7 +31,10 @@ change, because a change larger than the noise resets the smoothing at once.
 A pCPU's load is its *demand*: the load of the work pinned there plus what waits for it, plus
 the load on it that no pinned vCPU explains (host work, unpinned vCPUs). Demand can pass 100:
 two vCPUs that each want a whole pCPU but share one show 50% each, and only their wait time
-tells that moving one would double its throughput.
+tells that moving one would double its throughput. A vCPU that never idles is only known to
+want more than it got (`stats` counts all its wait, an upper bound), so where loads rise past a
+pCPU's capacity the first move gives one room and the next cycle shows what it really wants:
+such changes take a cycle more than others to converge.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class _Pcpu:
     fixed: int = 0  # anchored here but not movable (excluded)
     noise2: float = 0.0  # variance of `load`, from its vCPUs' noise
     busy: float = 0.0  # measured utilization, then what the plan's moves make of it
+    version: int = 0  # counts changes, so that what was worked out for it can be reused
 
     def fits(self, incoming: float, outgoing: float = 0.0) -> bool:
         """Whether this pCPU has room for the CPU time the incoming vCPUs actually received.
@@ -88,12 +93,14 @@ class _Pcpu:
         return len(self.vcpus) + self.fixed
 
     def add(self, vcpu: Vcpu) -> None:
+        self.version += 1
         bisect.insort(self.vcpus, vcpu, key=_order)
         self.load += vcpu.demand
         self.busy += vcpu.load
         self.noise2 += vcpu.noise**2
 
     def remove(self, vcpu: Vcpu) -> None:
+        self.version += 1
         del self.vcpus[bisect.bisect_left(self.vcpus, _order(vcpu), key=_order)]
         self.load -= vcpu.demand
         self.busy -= vcpu.load
@@ -196,6 +203,10 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
     if not allowed:
         return []
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
+    if any(v.settling for v in to_place):
+        # Placing is one partition of all floating vCPUs: placing some while others are still
+        # being measured would pair them by half the facts.
+        to_place = [v for v in to_place if v.pcpu is not None]
     floating = [v for v in to_place if v.pcpu is None]
     loads = pcpu_loads(snapshot, floating)
     pcpu = {n: _Pcpu(n, loads[n], busy=snapshot.pcpu_load[n]) for n in loads}
@@ -288,11 +299,18 @@ def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
         _move(*chosen, result)
 
 
+_Step = tuple[float, Vcpu, Vcpu | None]  # gain, the vCPU sent, the one sent back (a swap)
+
+
 def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
+    # What each pair of pCPUs can trade, kept while neither changes: a step changes two
+    # pCPUs, so the next search redoes their pairs only, not all of them (on a host with
+    # hundreds of starved vCPUs, redoing every pair made a first plan take half a second).
+    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]] = {}
     # Bounded so a pathological input cannot stall a cycle; each move already lowers the
     # sum of squares by a fixed step, so real inputs end long before this.
     for _ in range(4 * sum(len(p.vcpus) for p in targets) + len(targets)):
-        step = _best_step(targets, config.min_gain)
+        step = _best_step(targets, config.min_gain, pairs)
         if step is None:
             return
         src, dst, out, back = step
@@ -303,54 +321,73 @@ def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
 
 
 def _best_step(
-    targets: list[_Pcpu], min_gain: float
+    targets: list[_Pcpu],
+    min_gain: float,
+    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]],
 ) -> tuple[_Pcpu, _Pcpu, Vcpu, Vcpu | None] | None:
-    """The best move or swap off the most loaded pCPU that gains enough to be trusted.
-
-    Enough is `min_gain` plus NOISE_SIGMAS standard deviations of the measured gap between
-    the two pCPUs: where two placements are about equally good, noise alone makes either look
-    better by twice the error on the gap, and chasing that is how balancers ping-pong.
-    """
+    """The best move or swap off the most loaded pCPU that gains enough to be trusted."""
     by_load = sorted(targets, key=lambda p: (p.load, p.number))
     for src in reversed(by_load):
         if not src.vcpus:
             continue
         best: tuple[float, _Pcpu, Vcpu, Vcpu | None] | None = None
+        # No step gains more than twice what it transfers, at most the largest demand here.
+        cap = 2.0 * src.vcpus[-1].demand
         for dst in by_load:
-            gap = src.load - dst.load
             # Ascending loads: every later pCPU is closer still, and no step gains more
             # than the gap it narrows.
-            if gap < min_gain or (best is not None and best[0] >= gap):
+            gap = src.load - dst.load
+            if gap < min_gain or (best is not None and best[0] >= min(gap, cap)):
                 break
-            need = min_gain + NOISE_SIGMAS * math.sqrt(src.noise2 + dst.noise2)
-            if gap < need:
-                continue
-            half = need / 2
-            out = src.nearest(gap / 2, half, gap - half)
-            if out is not None and not dst.fits(out.load):
-                out = None
-            move_gain = _gain(gap, out.demand) if out is not None else 0.0
-            if out is not None and (best is None or move_gain > best[0]):
-                best = (move_gain, dst, out, None)
-            if not dst.vcpus:
-                continue
-            # A swap costs two pin changes: only worth it where a move cannot come within
-            # min_gain of it.
-            need_swap = max(need, move_gain + min_gain)
-            widest = min(src.vcpus[-1].demand - dst.vcpus[0].demand, gap / 2)
-            if widest <= 0 or _gain(gap, widest) < need_swap:
-                continue
-            for swap_out in src.vcpus:
-                back = dst.nearest(
-                    swap_out.demand - gap / 2,
-                    swap_out.demand - (gap - half),
-                    swap_out.demand - half,
-                )
-                if back is None or not dst.fits(swap_out.load, back.load):
-                    continue
-                gain = _gain(gap, swap_out.demand - back.demand)
-                if gain >= need_swap and (best is None or gain > best[0]):
-                    best = (gain, dst, swap_out, back)
+            versions = (src.version, dst.version)
+            known = pairs.get((src.number, dst.number))
+            if known is not None and known[0] == versions:
+                step = known[1]
+            else:
+                step = _pair_step(src, dst, min_gain)
+                pairs[src.number, dst.number] = (versions, step)
+            if step is not None and (best is None or step[0] > best[0]):
+                best = (step[0], dst, step[1], step[2])
         if best is not None:
             return src, best[1], best[2], best[3]
     return None
+
+
+def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
+    """The best move or swap from `src` to `dst` that gains enough to be trusted.
+
+    Enough is `min_gain` plus NOISE_SIGMAS standard deviations of the measured gap between
+    the two pCPUs: where two placements are about equally good, noise alone makes either look
+    better by twice the error on the gap, and chasing that is how balancers ping-pong.
+    """
+    gap = src.load - dst.load
+    need = min_gain + NOISE_SIGMAS * math.sqrt(max(0.0, src.noise2 + dst.noise2))
+    if gap < need or dst.busy >= SATURATED:
+        return None  # within the noise, or full: nothing can go there (see `fits`)
+    half = need / 2
+    best: _Step | None = None
+    out = src.nearest(gap / 2, half, gap - half)
+    if out is not None and dst.fits(out.load):
+        best = (_gain(gap, out.demand), out, None)
+    if not dst.vcpus:
+        return best
+    # A swap costs two pin changes: only worth it where a move cannot come within min_gain
+    # of it.
+    need_swap = max(need, (best[0] if best else 0.0) + min_gain)
+    widest = min(src.vcpus[-1].demand - dst.vcpus[0].demand, gap / 2)
+    if widest <= 0 or _gain(gap, widest) < need_swap:
+        return best
+    # What a swap can bring in is bounded by the room plus the most it can send back.
+    room = FULL - dst.busy + max(v.load for v in dst.vcpus)
+    for swap_out in src.vcpus:
+        if swap_out.load > room:
+            continue
+        back = dst.nearest(
+            swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
+        )
+        if back is None or not dst.fits(swap_out.load, back.load):
+            continue
+        gain = _gain(gap, swap_out.demand - back.demand)
+        if gain >= need_swap and (best is None or gain > best[0]):
+            best = (gain, swap_out, back)
+    return best

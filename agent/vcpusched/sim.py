@@ -5,8 +5,10 @@
 
 CPU sharing follows the max-min fair ("water-filling") rule of the Linux scheduler: on a
 saturated pCPU a vCPU that wants less than an equal share gets all it wants and the rest is
-split equally among the others. A vCPU allowed on several pCPUs is placed the way an ideal
-work-conserving balancer would: it may use any spare capacity of its allowed pCPUs.
+split equally among the others. A vCPU that gets less than it wants never idles (a workload
+that falls behind stays runnable), so its wait is all the time it does not run: what it wanted
+is not in the counters, as on a real host. A vCPU allowed on several pCPUs is placed the way
+an ideal work-conserving balancer would: it may use any spare capacity of its allowed pCPUs.
 Loads are percentages of one pCPU, as everywhere in vcpusched.
 """
 
@@ -22,6 +24,8 @@ from vcpusched.model import HostSample, VcpuCounters, VcpuRef
 
 NS = 1_000_000_000
 FULL = 100.0
+# Points a vCPU may receive below its demand and still count as keeping up.
+STARVED_BY = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +316,12 @@ class SimHost:
             for ref, want, got in zip(refs, demands, received, strict=True):
                 vcpu = self._vcpus[ref]
                 vcpu.time_ns += got / FULL * span * NS
-                vcpu.wait_ns += max(want - got, 0.0) / FULL * span * NS
+                # A vCPU that gets less than it wants falls behind and never idles: it waits
+                # whenever it is not running, as the lab's guests do. One that gets all it
+                # wants is counted as never waiting (sharing costs it some latency on a real
+                # host, but it idles, and the idling is what tells it was satisfied).
+                short = got < want - STARVED_BY
+                vcpu.wait_ns += (FULL - got if short else 0.0) / FULL * span * NS
                 stats.demanded += want / FULL * span
                 stats.received += got / FULL * span
             for p in self.pcpus:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from vcpusched.model import SATURATED, HostSample, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import HostSample, Snapshot, Vcpu, VcpuRef
 
 log = logging.getLogger(__name__)
+
+# Points of an interval a vCPU must spend asleep (neither running nor waiting) to count as
+# having received all it wanted. About three standard deviations of the sleep that the lab
+# measures for a vCPU that never idles (counters of different precision jitter by ±1-3 points
+# over 2 s), so a starved vCPU is not mistaken for a satisfied one by noise alone.
+SATISFIED_SLEEP = 10.0
+# Samples a floating vCPU whose demand is uncertain is measured over before it is placed.
+PLACE_SAMPLES = 3
 
 
 def _percent(delta_ns: int, elapsed_s: float) -> float:
@@ -46,9 +55,8 @@ def snapshot(
             continue
         load = _percent(now.time_ns - then.time_ns, elapsed)
         demand = load
-        saturated = all(pcpu_load.get(p, 0.0) >= SATURATED for p in now.affinity)
-        if saturated and now.wait_ns is not None and then.wait_ns is not None:
-            demand = min(100.0, load + _percent(now.wait_ns - then.wait_ns, elapsed))
+        if now.wait_ns is not None and then.wait_ns is not None:
+            demand = _demand(load, _percent(now.wait_ns - then.wait_ns, elapsed))
         vcpus.append(
             Vcpu(
                 ref=ref,
@@ -62,6 +70,21 @@ def snapshot(
     return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus))
 
 
+def _demand(load: float, wait: float) -> float:
+    """What a vCPU would have used with a pCPU of its own, from the time it ran and waited.
+
+    The wait alone does not tell: a vCPU sharing a pCPU waits while the others run even when
+    it gets all it wants, and on the lab a 30% guest beside two others showed 47 points of
+    wait. What tells is sleep, the rest of the interval. A vCPU that went idle had run out of
+    work, so what it received was its demand; one that never idled fell behind, and wants up
+    to all the time it was runnable. Between the two the wait counts in proportion, so that
+    the estimate has no step for noise to flip across.
+    """
+    sleep = max(0.0, 100.0 - load - wait)
+    starved = max(0.0, 1.0 - sleep / SATISFIED_SLEEP)
+    return min(100.0, load + wait * starved)
+
+
 class Smoother:
     """Steadies vCPU loads across cycles, and estimates how noisy each one is.
 
@@ -69,50 +92,84 @@ class Smoother:
     stays; a change larger than the noise (a guest starting a job) resets the average at once,
     so real changes still show within one cycle. The noise estimate, the median step between
     consecutive raw demands, is robust to those occasional jumps.
+
+    A floating vCPU (one that may run on several pCPUs) is different: it is about to be
+    placed once, and a wrong placement sticks, because once both pCPUs are full nothing
+    measured tells a vCPU that wants 100 from one that wants 50 (on the lab both run about
+    half the time and wait the rest, and only the lighter one idles, a few points in each
+    interval). So its demand is the median of its raw demands since it began to float, and
+    one that was ever short of time is held back (`settling`) until PLACE_SAMPLES of them
+    outvote a single odd interval.
     """
 
     ALPHA = 0.3
     HISTORY = 8
     # Median of |X1 - X2| for two independent normal draws, in units of their sigma.
     MEDIAN_STEP = 0.954
-    # The sigma of an exponential average of independent values, relative to theirs.
+    # The sigma of an exponential average of independent values, relative to theirs, once
+    # it has run long (`_shrink` gives it after n samples).
     SHRINK = (ALPHA / (2 - ALPHA)) ** 0.5
     JUMP_SIGMAS = 4.0
+    # Demand above received load by more than this (points) means the vCPU was short of time.
+    SHORT = 1.0
 
     def __init__(self) -> None:
-        self._state: dict[VcpuRef, tuple[float, float, list[float]]] = {}
+        self._state: dict[VcpuRef, _State] = {}
 
     def forget(self) -> None:
         self._state.clear()
 
     def update(self, snapshot: Snapshot, min_jump: float) -> Snapshot:
         """Steadied loads for `snapshot`; a change above `min_jump` (and the noise) resets."""
-        state: dict[VcpuRef, tuple[float, float, list[float]]] = {}
+        state: dict[VcpuRef, _State] = {}
         vcpus = []
         shift: dict[int, float] = defaultdict(float)
         for vcpu in snapshot.vcpus:
             prior = self._state.get(vcpu.ref)
+            floating = vcpu.pcpu is None
+            if prior is not None and floating and prior.affinity != vcpu.affinity:
+                prior = None  # began to float just now: what came before says nothing
+            short = vcpu.demand > vcpu.load + self.SHORT
             if prior is None:
-                load, demand, history = vcpu.load, vcpu.demand, [vcpu.demand]
-                noise = 0.0
+                now = _State(vcpu.load, vcpu.demand, [vcpu.demand], vcpu.affinity, short)
             else:
-                load, demand, history = prior
-                noise = _step_sigma(history)
+                load, demand, history = prior.load, prior.demand, prior.history
+                noise = prior.noise()
                 jump = max(self.JUMP_SIGMAS * noise, min_jump)
+                carried = prior.carried
                 # The received load jumps on its own when a move ends contention: follow it
                 # at once too, or the pCPU it left would look busier than it is.
                 if abs(vcpu.demand - demand) > jump or abs(vcpu.load - load) > jump:
                     load, demand = vcpu.load, vcpu.demand
+                    averaged = 0
+                    if not floating:
+                        # A new level: steps across the jump are not noise (counted as such,
+                        # a vCPU whose demand a move revealed looked noisy for cycles after),
+                        # so the noise known before it stands until new steps replace it.
+                        history, carried = [], noise
                 else:
                     load += self.ALPHA * (vcpu.load - load)
                     demand += self.ALPHA * (vcpu.demand - demand)
+                    averaged = prior.averaged + 1
                 history = [*history[-(self.HISTORY - 1) :], vcpu.demand]
-                noise = _step_sigma(history)
-            state[vcpu.ref] = (load, demand, history)
+                now = _State(
+                    load, demand, history, vcpu.affinity, prior.short or short, carried, averaged
+                )
+            noise = now.noise() * _shrink(now.averaged)
+            state[vcpu.ref] = now
             pcpu = vcpu.pcpu
             if pcpu is not None:
-                shift[pcpu] += load - vcpu.load
-            vcpus.append(replace(vcpu, load=load, demand=demand, noise=noise * self.SHRINK))
+                shift[pcpu] += now.load - vcpu.load
+            demand = statistics.median(now.history) if floating else now.demand
+            vcpus.append(
+                replace(
+                    vcpu,
+                    load=now.load,
+                    demand=demand,
+                    noise=noise,
+                    settling=floating and now.short and len(now.history) < PLACE_SAMPLES,
+                )
+            )
         self._state = state
         # What a pCPU holds beyond its pinned vCPUs (host work) stays as measured; only the
         # vCPUs' part of its utilization is replaced by their steadied loads.
@@ -120,8 +177,30 @@ class Smoother:
         return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus))
 
 
+@dataclass(slots=True)
+class _State:
+    load: float
+    demand: float
+    history: list[float]  # raw demands, the latest last
+    affinity: frozenset[int]
+    short: bool  # short of time in some interval of `history`
+    carried: float = 0.0  # the noise from before the last jump, until `history` can tell
+    averaged: int = 0  # samples averaged in since the level was last set from one sample
+
+    def noise(self) -> float:
+        measured = _step_sigma(self.history) if len(self.history) >= 3 else 0.0
+        # A few steps can look calm by chance: the noise known before stays a floor until a
+        # full history can speak for itself.
+        return measured if len(self.history) >= Smoother.HISTORY else max(measured, self.carried)
+
+
+def _shrink(averaged: int) -> float:
+    """Sigma of the average, relative to one sample's, `averaged` samples after it was set
+    from a single one: right after a jump the level is one raw sample, as noisy as any."""
+    kept = (1.0 - Smoother.ALPHA) ** (2 * averaged)
+    return math.sqrt(kept + Smoother.SHRINK**2 * (1.0 - kept))
+
+
 def _step_sigma(history: list[float]) -> float:
-    if len(history) < 3:
-        return 0.0
     steps = [abs(b - a) for a, b in itertools.pairwise(history)]
-    return statistics.median(steps) / Smoother.MEDIAN_STEP
+    return statistics.median_low(steps) / Smoother.MEDIAN_STEP

@@ -61,6 +61,18 @@ def test_unpinned_heavy_and_light_are_paired() -> None:
     assert after == {0: 150, 1: 150}
 
 
+def test_floating_vcpus_wait_while_any_of_them_settles() -> None:
+    loads = [100, 50, 100, 50]
+    vcpus = [vcpu(f"vm{i}", load, None) for i, load in enumerate(loads)]
+    vcpus[0] = replace(vcpus[0], settling=True)
+    pinned_away = replace(vcpu("out", 10, 3), settling=False)  # outside the managed pCPUs
+    snap = snapshot([*vcpus, pinned_away], pcpus=4)
+    config = dataclasses.replace(CFG, cpus=frozenset({0, 1, 2}))
+    moves = plan(snap, config)
+    # One partition for all four, later; the vCPU outside `cpus` is evicted meanwhile.
+    assert [m.ref.domain for m in moves] == ["out"]
+
+
 def test_idle_unpinned_vcpus_spread_evenly_by_count() -> None:
     snap = snapshot([vcpu(f"vm{i}", 0.3 * i, None, pcpus=4) for i in range(8)], pcpus=4)
     moves = plan(snap, CFG)

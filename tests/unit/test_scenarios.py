@@ -24,6 +24,7 @@ from vcpusched.baselines import (
 from vcpusched.bench import OURS, ScenarioRun, bench_scenario
 from vcpusched.model import VcpuRef
 from vcpusched.scenarios import SCENARIOS, Scenario
+from vcpusched.stats import PLACE_SAMPLES
 
 CLASSIC = sorted(name for name, s in SCENARIOS.items() if s.classic)
 
@@ -82,7 +83,10 @@ def test_resized_scenario_scales_its_events() -> None:
 @pytest.mark.parametrize("name", CLASSIC)
 def test_classic_case_converges_at_once_with_the_fewest_pins(name: str) -> None:
     result = ran(name).results[OURS]
+    # Unpinned vCPUs short of time are measured over PLACE_SAMPLES intervals before placing.
     expected = 0 if name.startswith("round-robin") else 1
+    if name.startswith("unpinned-heavy-light"):
+        expected = PLACE_SAMPLES
     assert result.converge == expected
     assert result.minimum is not None
     assert result.moves_to == result.minimum
@@ -126,12 +130,18 @@ def test_fewer_vcpus_than_pcpus_get_a_pcpu_each() -> None:
     assert run.results[OURS].moves_to == run.results[OURS].minimum == 2
 
 
-@pytest.mark.parametrize("name", ["multi-vcpu", "excluded", "phases", "churn"])
-def test_balanced_like_the_optimum_within_two_cycles(name: str) -> None:
+# Cycles to converge. Where a load rises past what its pCPU can give (phases), the vCPUs
+# sharing it never idle and read as wanting a whole pCPU each, as on a real host: the first
+# move gives one room, the next cycle shows what it really wants, and a last step may follow.
+CYCLES = {"multi-vcpu": 2, "excluded": 2, "phases": 3, "churn": 2}
+
+
+@pytest.mark.parametrize("name", sorted(CYCLES))
+def test_balanced_like_the_optimum_within_a_few_cycles(name: str) -> None:
     run = ran(name, cycles=60)
     ours, best = run.results[OURS], run.results["optimum"]
     assert ours.converge is not None
-    assert ours.converge <= 2
+    assert ours.converge <= CYCLES[name]
     assert ours.sd <= best.sd + 1.0
     assert ours.moves_after == 0
 
@@ -170,7 +180,7 @@ def test_large_host_is_balanced_like_the_greedy_bound() -> None:
     ours, best = run.results[OURS], run.results["optimum"]
     assert not best.exact  # too large for the exact search
     assert ours.converge is not None
-    assert ours.converge <= 2
+    assert ours.converge <= 3  # half its vCPUs start starved: see CYCLES
     assert ours.sd <= best.sd + 1.0
 
 
@@ -292,9 +302,12 @@ def test_balance_allows_the_optimum_plus_a_point() -> None:
 
 def test_settling_needs_balance_for_good_and_a_quiet_cycle() -> None:
     ok = [True, False, True, False, True, True, True]
-    assert bench._settled(ok, [0, 3, 0, 2, 0, 0, 0], 1, 6) == 4
-    assert bench._settled(ok, [0, 3, 0, 2, 1, 1, 0], 1, 6) == 6
-    assert bench._settled([True, True, False], [0, 0, 0], 1, 2) is None
+    none = [0] * 7
+    assert bench._settled(ok, [0, 3, 0, 2, 0, 0, 0], none, 1, 6) == 4
+    assert bench._settled(ok, [0, 3, 0, 2, 1, 1, 0], none, 1, 6) == 6
+    assert bench._settled([True, True, False], [0, 0, 0], none, 1, 2) is None
+    # Balanced from the start, but vCPUs held back for measuring until cycle 3 placed them.
+    assert bench._settled([True] * 7, [0, 0, 0, 4, 0, 0, 0], [2, 2, 2, 0, 0, 0, 0], 1, 6) == 4
 
 
 def test_command_lists_and_rejects_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,20 +150,22 @@ def test_allocation_is_feasible_and_work_conserving(
 
 
 def test_tick_accumulates_time_wait_and_busy_counters() -> None:
-    host = SimHost(2, [vm("a", 100, one(0)), vm("b", 60, one(0))])
+    host = SimHost(2, [vm("a", 100, one(0)), vm("b", 60, one(0)), vm("c", 30, one(1))])
     before = host.sample()
     assert before.clock == 0.0
     stats = host.tick(1.0)
     after = host.sample()
     assert after.clock == 1.0
-    a, b = after.vcpus[VcpuRef("a", 0)], after.vcpus[VcpuRef("b", 0)]
-    # 100 and 60 on one pCPU receive 50 and 50; wait is demand minus received.
+    a, b, c = (after.vcpus[VcpuRef(n, 0)] for n in "abc")
+    # 100 and 60 on one pCPU receive 50 and 50: both fall behind, so neither ever idles and
+    # each waits all the time it does not run. 30 alone gets all it wants and never waits.
     assert (a.time_ns, a.wait_ns) == (NS // 2, NS // 2)
-    assert (b.time_ns, b.wait_ns) == (NS // 2, NS // 10)
-    assert after.pcpu_busy_ns == {0: NS, 1: 0}
-    assert stats.pcpu_load == pytest.approx({0: 100, 1: 0})
-    assert stats.demanded == pytest.approx(1.6)
-    assert stats.received == pytest.approx(1.0)
+    assert (b.time_ns, b.wait_ns) == (NS // 2, NS // 2)
+    assert (c.time_ns, c.wait_ns) == (3 * NS // 10, 0)
+    assert after.pcpu_busy_ns == {0: NS, 1: 3 * NS // 10}
+    assert stats.pcpu_load == pytest.approx({0: 100, 1: 30})
+    assert stats.demanded == pytest.approx(1.9)
+    assert stats.received == pytest.approx(1.3)
 
 
 def test_sample_does_not_advance_time() -> None:

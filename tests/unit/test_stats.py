@@ -115,18 +115,55 @@ def test_smoother_keeps_host_work_as_measured() -> None:
     assert out.pcpu_load[0] == pytest.approx(51 - 31 + 30.3)
 
 
-def test_wait_counts_as_demand_only_on_a_saturated_pcpu() -> None:
-    before = sample(0.0, {0: 0, 1: 0}, {A: (0, 0), B: (0, 0)})
-    after = HostSample(
-        clock=1.0,
-        pcpu_busy_ns={0: 999_000_000, 1: 800_000_000},
-        vcpus={
-            A: VcpuCounters(500_000_000, 500_000_000, frozenset({0})),
-            B: VcpuCounters(400_000_000, 200_000_000, frozenset({1})),
+def test_wait_counts_as_demand_as_far_as_the_vcpu_never_idled() -> None:
+    C = VcpuRef("c", 0)
+    before = sample(0.0, {0: 0, 1: 0}, {A: (0, 0), B: (0, 0), C: (0, 0)})
+    after = sample(
+        1.0,
+        {0: 1_000_000_000, 1: 800_000_000},
+        {
+            A: (500_000_000, 500_000_000),  # ran or waited all the time: wants all of it
+            B: (300_000_000, 470_000_000),  # idled 23 points: got all it wanted
+            C: (470_000_000, 480_000_000),  # idled 5 points: half its wait counts
         },
     )
     snap = snapshot(before, after)
     assert snap is not None
-    a, b = snap.vcpus
-    assert a.demand == pytest.approx(100.0)  # pCPU 0 is full: its wait is unmet demand
-    assert b.demand == pytest.approx(40.0)  # pCPU 1 has time to spare: wait is overlap
+    a, b, c = snap.vcpus
+    assert a.demand == pytest.approx(100.0)
+    assert b.demand == pytest.approx(30.0)
+    assert c.demand == pytest.approx(47.0 + 48.0 * 0.5)
+
+
+def _floating(demands: dict[str, float], affinity: frozenset[int] = frozenset({0, 1})) -> Snapshot:
+    # Each received half a pCPU; the demand beyond that is what it waited.
+    vcpus = tuple(Vcpu(VcpuRef(n, 0), 50.0, d, affinity) for n, d in demands.items())
+    return Snapshot(pcpu_load={0: 100.0, 1: 100.0}, vcpus=vcpus)
+
+
+def test_a_floating_vcpu_short_of_time_settles_on_the_median_of_its_demands() -> None:
+    smoother = Smoother()
+    # "heavy" never idles; "light" idles a little in most intervals but not in the first.
+    heavy = [62.0, 100.0, 100.0]  # one odd interval must not rank it below the light one
+    light = [97.0, 85.0, 88.0]
+    seen = []
+    for h, li in zip(heavy, light, strict=True):
+        out = smoother.update(_floating({"heavy": h, "light": li}), min_jump=5.0)
+        seen.append({v.ref.domain: (v.demand, v.settling) for v in out.vcpus})
+    assert [s["heavy"][1] for s in seen] == [True, True, False]
+    assert seen[-1]["heavy"][0] == 100.0
+    assert seen[-1]["light"][0] == 88.0
+
+
+def test_a_floating_vcpu_with_time_to_spare_is_placed_at_once() -> None:
+    vcpu = Vcpu(A, 30.0, 30.0, frozenset({0, 1}))
+    out = Smoother().update(Snapshot({0: 40.0, 1: 20.0}, (vcpu,)), min_jump=5.0)
+    assert not out.vcpus[0].settling
+
+
+def test_a_vcpu_that_begins_to_float_starts_a_new_history() -> None:
+    smoother = Smoother()
+    for _ in range(5):
+        smoother.update(_snap({"a": 20.0}, {"a": 0}), min_jump=5.0)
+    out = smoother.update(_floating({"a": 100.0}), min_jump=5.0)
+    assert (out.vcpus[0].demand, out.vcpus[0].settling) == (100.0, True)
