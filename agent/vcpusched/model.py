@@ -13,6 +13,8 @@ from typing import NamedTuple
 # share, only move the waiting there. (Guests adding up to 90% read 97% busy on the lab, with
 # QEMU's own overhead, so the bar sits above that.)
 SATURATED = 99.0
+# Demand above received load by more than this (points): the vCPU was short of time.
+SHORT = 1.0
 
 
 class VcpuRef(NamedTuple):
@@ -59,6 +61,8 @@ class Vcpu:
     noise: float = 0.0
     # Floating, and its demand not yet measured over enough intervals to place it by.
     settling: bool = False
+    # pCPUs it was moved off in the last few cycles: the policy does not move it back there yet.
+    left: frozenset[int] = frozenset()
 
     @property
     def pcpu(self) -> int | None:

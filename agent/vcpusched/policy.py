@@ -47,13 +47,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vcpusched.config import Config
-from vcpusched.model import SATURATED, Move, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, SHORT, Move, Snapshot, Vcpu, VcpuRef
 
 FULL = 100.0
 
 # How many standard deviations of measurement noise a refining move must clear (beyond
 # min_gain) before it is trusted.
 NOISE_SIGMAS = 3.0
+# Cycles during which a moved vCPU is not moved back onto the pCPU it left (`Vcpu.left`).
+COOLDOWN = 5
 
 
 def _order(vcpu: Vcpu) -> tuple[float, VcpuRef]:
@@ -177,6 +179,14 @@ def pcpu_loads(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dic
     vCPUs. The unpinned vCPUs about to be placed are taken out of it, in proportion to that
     remainder, since placing them is what puts their load on one pCPU.
     """
+    return _estimates(snapshot, movable_floating)[0]
+
+
+def _estimates(
+    snapshot: Snapshot, movable_floating: Iterable[Vcpu]
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Each pCPU's demand (see `pcpu_loads`) and its utilization without the vCPUs about to
+    be placed (placing puts all of a vCPU's time on one pCPU, which `_Pcpu.add` counts)."""
     anchored_load: dict[int, float] = defaultdict(float)
     anchored_demand: dict[int, float] = defaultdict(float)
     for vcpu in snapshot.vcpus:
@@ -188,7 +198,22 @@ def pcpu_loads(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dic
     floating = sum(v.load for v in movable_floating)
     rest_total = sum(rest.values())
     share = min(1.0, floating / rest_total) if rest_total > 0 else 0.0
-    return {p: r * (1.0 - share) + anchored_demand[p] for p, r in rest.items()}
+    demand = {p: r * (1.0 - share) + anchored_demand[p] for p, r in rest.items()}
+    busy = {p: u - rest[p] * share for p, u in snapshot.pcpu_load.items()}
+    return demand, busy
+
+
+def _may_return(vcpu: Vcpu, dst: _Pcpu) -> bool:
+    """Whether `vcpu` may go to `dst`, which it may have left within COOLDOWN cycles.
+
+    A vCPU that never idles reads as wanting all the time it was runnable, an upper bound:
+    two such vCPUs sharing a full pCPU both read 100, and whichever of a pair moves on shows
+    what it really wants while the one left behind still reads 100. Taken at face value that
+    swaps the pair back and forth (the simulator's `phases` did so four cycles running). So a
+    vCPU whose demand was measured in full goes back where it came from only after the
+    cooldown; one still short of time may, since its first move was made on the bound.
+    """
+    return dst.number not in vcpu.left or vcpu.demand > vcpu.load + SHORT
 
 
 def _gain(gap: float, transfer: float) -> float:
@@ -208,8 +233,8 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
         # being measured would pair them by half the facts.
         to_place = [v for v in to_place if v.pcpu is not None]
     floating = [v for v in to_place if v.pcpu is None]
-    loads = pcpu_loads(snapshot, floating)
-    pcpu = {n: _Pcpu(n, loads[n], busy=snapshot.pcpu_load[n]) for n in loads}
+    loads, busy = _estimates(snapshot, floating)
+    pcpu = {n: _Pcpu(n, loads[n], busy=busy[n]) for n in loads}
     for vcpu in snapshot.vcpus:
         home = vcpu.pcpu
         if home is None or home not in pcpu:
@@ -289,7 +314,7 @@ def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
                 vcpu = src.nearest(want, half_gain, gap / 2) or src.nearest(
                     want, math.nextafter(gap / 2, math.inf), gap - half_gain
                 )
-                if vcpu is not None and dst.fits(vcpu.load):
+                if vcpu is not None and dst.fits(vcpu.load) and _may_return(vcpu, dst):
                     chosen = (vcpu, src, dst)
                     break
             if chosen:
@@ -309,24 +334,33 @@ def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
     pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]] = {}
     # Bounded so a pathological input cannot stall a cycle; each move already lowers the
     # sum of squares by a fixed step, so real inputs end long before this.
+    by_load = sorted(targets, key=_by_load)
     for _ in range(4 * sum(len(p.vcpus) for p in targets) + len(targets)):
-        step = _best_step(targets, config.min_gain, pairs)
+        step = _best_step(by_load, config.min_gain, pairs)
         if step is None:
             return
         src, dst, out, back = step
+        for p in (src, dst):
+            del by_load[bisect.bisect_left(by_load, _by_load(p), key=_by_load)]
         before = (src.load, dst.load)
         _move(out, src, dst, result, before)
         if back is not None:
             _move(back, dst, src, result, before[::-1])
+        for p in (src, dst):
+            bisect.insort(by_load, p, key=_by_load)
+
+
+def _by_load(p: _Pcpu) -> tuple[float, int]:
+    return (p.load, p.number)
 
 
 def _best_step(
-    targets: list[_Pcpu],
+    by_load: list[_Pcpu],
     min_gain: float,
     pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]],
 ) -> tuple[_Pcpu, _Pcpu, Vcpu, Vcpu | None] | None:
-    """The best move or swap off the most loaded pCPU that gains enough to be trusted."""
-    by_load = sorted(targets, key=lambda p: (p.load, p.number))
+    """The best move or swap off the most loaded pCPU (of `by_load`, in ascending load) that
+    gains enough to be trusted."""
     for src in reversed(by_load):
         if not src.vcpus:
             continue
@@ -367,7 +401,7 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
     half = need / 2
     best: _Step | None = None
     out = src.nearest(gap / 2, half, gap - half)
-    if out is not None and dst.fits(out.load):
+    if out is not None and dst.fits(out.load) and _may_return(out, dst):
         best = (_gain(gap, out.demand), out, None)
     if not dst.vcpus:
         return best
@@ -379,13 +413,22 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
         return best
     # What a swap can bring in is bounded by the room plus the most it can send back.
     room = FULL - dst.busy + max(v.load for v in dst.vcpus)
+    same = (-1.0, FULL)  # (demand, least received) of the vCPUs just tried
     for swap_out in src.vcpus:
-        if swap_out.load > room:
+        if swap_out.load > room or not _may_return(swap_out, dst):
             continue
+        # Equal demands make equal swaps, and one that received more fits no better: many
+        # starved vCPUs all read the same capped demand.
+        if math.isclose(swap_out.demand, same[0], abs_tol=1e-6):
+            if swap_out.load >= same[1]:
+                continue
+            same = (same[0], swap_out.load)
+        else:
+            same = (swap_out.demand, swap_out.load)
         back = dst.nearest(
             swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
         )
-        if back is None or not dst.fits(swap_out.load, back.load):
+        if back is None or not dst.fits(swap_out.load, back.load) or not _may_return(back, src):
             continue
         gain = _gain(gap, swap_out.demand - back.demand)
         if gain >= need_swap and (best is None or gain > best[0]):

@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from vcpusched import __version__, notify, policy, stats
@@ -37,6 +38,9 @@ class Agent:
         self.smoother = stats.Smoother()
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
+        self.cycle = 0
+        # The pCPU each moved vCPU left, and the cycle it left it in (see policy.COOLDOWN).
+        self.left: dict[VcpuRef, list[tuple[int, int]]] = {}
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
@@ -57,7 +61,7 @@ class Agent:
         if measured is None:
             return []
         # Read per cycle, so that a reloaded min_gain applies here as everywhere else.
-        snapshot = self.smoother.update(measured, min_jump=self.config.min_gain)
+        snapshot = self._with_left(self.smoother.update(measured, min_jump=self.config.min_gain))
         self.snapshot = snapshot
         moves = policy.plan(snapshot, self.config, frozenset(sample.pcpu_busy_ns))
         if self.config.dry_run:
@@ -67,6 +71,22 @@ class Agent:
             applied = self._apply(moves)
         self._log_balance(snapshot, bool(moves))
         return applied
+
+    def _with_left(self, snapshot: Snapshot) -> Snapshot:
+        self.cycle += 1
+        recent = self.cycle - policy.COOLDOWN
+        self.left = {
+            ref: kept
+            for ref, left in self.left.items()
+            if (kept := [(c, p) for c, p in left if c > recent])
+        }
+        if not self.left:
+            return snapshot
+        vcpus = tuple(
+            replace(v, left=frozenset(p for _, p in self.left[v.ref])) if v.ref in self.left else v
+            for v in snapshot.vcpus
+        )
+        return replace(snapshot, vcpus=vcpus)
 
     def _track_domains(self, sample: HostSample) -> None:
         known = {ref.domain for ref in self.original}
@@ -114,6 +134,8 @@ class Agent:
                 continue
             self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
+            if len(move.src) == 1:
+                self.left.setdefault(move.ref, []).extend((self.cycle, p) for p in move.src)
             applied.append(move)
             log.info(_move_line(move))
         return applied

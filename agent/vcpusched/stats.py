@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from vcpusched.model import HostSample, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SHORT, HostSample, Snapshot, Vcpu, VcpuRef
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,6 @@ class Smoother:
     # it has run long (`_shrink` gives it after n samples).
     SHRINK = (ALPHA / (2 - ALPHA)) ** 0.5
     JUMP_SIGMAS = 4.0
-    # Demand above received load by more than this (points) means the vCPU was short of time.
-    SHORT = 1.0
 
     def __init__(self) -> None:
         self._state: dict[VcpuRef, _State] = {}
@@ -129,7 +127,7 @@ class Smoother:
             floating = vcpu.pcpu is None
             if prior is not None and floating and prior.affinity != vcpu.affinity:
                 prior = None  # began to float just now: what came before says nothing
-            short = vcpu.demand > vcpu.load + self.SHORT
+            short = vcpu.demand > vcpu.load + SHORT
             if prior is None:
                 now = _State(vcpu.load, vcpu.demand, [vcpu.demand], vcpu.affinity, short)
             else:

@@ -73,6 +73,36 @@ def test_floating_vcpus_wait_while_any_of_them_settles() -> None:
     assert [m.ref.domain for m in moves] == ["out"]
 
 
+def test_a_vcpu_measured_in_full_does_not_go_back_where_it_just_left() -> None:
+    # vm0 left pCPU1 a cycle ago and now reads 67 in full; vm1 and vm3, left behind, never
+    # idle and read 100 each, an upper bound. The one step with room is swapping vm0 back for
+    # one of them, which would trade vCPUs back and forth on a misreading.
+    vcpus = [
+        replace(vcpu("vm0", 67, 0), left=frozenset({1})),
+        vcpu("vm2", 10, 0),
+        vcpu("vm1", 50, 1, demand=100),
+        vcpu("vm3", 50, 1, demand=100),
+    ]
+    assert plan(snapshot(vcpus, pcpus=2, cap=False), CFG) == []
+    # Without the record of where it came from, the same snapshot swaps it back.
+    fresh = snapshot([replace(vcpus[0], left=frozenset()), *vcpus[1:]], pcpus=2, cap=False)
+    assert any(m.ref.domain == "vm0" and m.dst == 1 for m in plan(fresh, CFG))
+
+
+def test_a_vcpu_still_short_of_time_may_go_back() -> None:
+    # Both 60s went to pCPU1 on their upper bounds and share it, starved; pCPU0 holds the 30s.
+    # One 60 going back (for a 30) is the correction, not a ping-pong: its first move was made
+    # on the bound.
+    vcpus = [
+        replace(vcpu("vm0", 50, 1, demand=100), left=frozenset({0})),
+        replace(vcpu("vm1", 50, 1, demand=100), left=frozenset({0})),
+        vcpu("vm2", 30, 0),
+        vcpu("vm3", 30, 0),
+    ]
+    moves = plan(snapshot(vcpus, pcpus=2, cap=False), CFG)
+    assert sorted((m.ref.domain[:2], m.dst) for m in moves) == [("vm", 0), ("vm", 1)]
+
+
 def test_idle_unpinned_vcpus_spread_evenly_by_count() -> None:
     snap = snapshot([vcpu(f"vm{i}", 0.3 * i, None, pcpus=4) for i in range(8)], pcpus=4)
     moves = plan(snap, CFG)

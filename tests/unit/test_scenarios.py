@@ -180,7 +180,7 @@ def test_large_host_is_balanced_like_the_greedy_bound() -> None:
     ours, best = run.results[OURS], run.results["optimum"]
     assert not best.exact  # too large for the exact search
     assert ours.converge is not None
-    assert ours.converge <= 3  # half its vCPUs start starved: see CYCLES
+    assert ours.converge <= 4  # half its vCPUs start starved (see CYCLES), then one last step
     assert ours.sd <= best.sd + 1.0
 
 

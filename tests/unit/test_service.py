@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from vcpusched import policy
 from vcpusched.config import Config
 from vcpusched.host import DomainGone
 from vcpusched.model import HostSample, VcpuRef
@@ -118,3 +119,18 @@ def test_a_reloaded_min_gain_reaches_the_smoothing() -> None:
     _run(agent, host, 3)  # the last cycle measures the first second at 50
     assert agent.snapshot is not None
     assert 42 < agent.snapshot.vcpus[0].demand < 46
+
+
+def test_moved_vcpus_carry_the_pcpu_they_left_for_the_cooldown() -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    _run(agent, host, 2)  # the first cycle only samples; the second moves two vCPUs off 0
+    moved = sorted(agent.changed)
+    assert len(moved) == 2
+    _run(agent, host, 1)
+    assert agent.snapshot is not None
+    left = {v.ref: v.left for v in agent.snapshot.vcpus}
+    assert all(left[ref] == frozenset({0}) for ref in moved)
+    _run(agent, host, policy.COOLDOWN)
+    assert agent.snapshot is not None
+    assert all(not v.left for v in agent.snapshot.vcpus)
