@@ -603,8 +603,9 @@ are managed and measured.
 - **cycles**: cycles from a load change until the policy converged (worst epoch): the managed
   pCPUs stay balanced to the end of the epoch (SD ≤ 1% of the mean, or within 1 point of the
   optimum's SD at the same moment, judged on the noise-free loads) and a cycle passes without
-  a pin. The agent's first cycle only takes its baseline sample, so 1 is the fastest possible
-  after the start. `never`: unbalanced at the end of some epoch.
+  a pin and without vCPUs held back to be measured. The agent's first cycle only takes its
+  baseline sample, so 1 is the fastest possible after the start. `never`: unbalanced at the
+  end of some epoch.
 - **pins (min)**: pin changes made until convergence (the first pin of an unpinned vCPU counts
   as one). For `vcpusched`, in brackets: the fewest pin changes that reach the optimum's balance
   from the placement the agent had at each epoch's start (searched exactly; blank when too big).

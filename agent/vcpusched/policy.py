@@ -26,7 +26,11 @@ from how much each vCPU's demand moves from one interval to the next (the caller
 `stats.Smoother` both steadies the loads and estimates this). On the benchmark's ±5% noise the
 first version of this pass, with min_gain alone, made 20 to 71 pin changes in 300 cycles after
 converging; with the margin it makes none, and still converges within one cycle of a real
-change, because a change larger than the noise resets the smoothing at once.
+change, because a change larger than the noise resets the smoothing at once. Upper bounds
+need more still: vCPUs that share a full pCPU never idle and all read as wanting a whole one,
+so whichever of an equal pair moves on shows its real demand while the other still reads 100,
+and the next plan would swap them back. A vCPU measured in full therefore does not return to
+a pCPU it left within COOLDOWN cycles (`_may_return`).
 
 A pCPU's load is its *demand*: the load of the work pinned there plus what waits for it, plus
 the load on it that no pinned vCPU explains (host work, unpinned vCPUs). Demand can pass 100:
