@@ -51,15 +51,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vcpusched.config import Config
-from vcpusched.model import SATURATED, SHORT, Move, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, Move, Snapshot, Vcpu, VcpuRef
 
 FULL = 100.0
 
 # How many standard deviations of measurement noise a refining move must clear (beyond
 # min_gain) before it is trusted.
 NOISE_SIGMAS = 3.0
-# Cycles during which a moved vCPU is not moved back onto the pCPU it left (`Vcpu.left`).
-COOLDOWN = 5
+# Cycles during which a moved vCPU is not moved back onto the pCPU it left (`Vcpu.left`):
+# 75 s at the default interval. Longer holds back answers to real load changes (24 left the
+# benchmark's `phases`, whose loads change every 20 cycles, unbalanced for a whole phase).
+COOLDOWN = 15
 
 
 def _order(vcpu: Vcpu) -> tuple[float, VcpuRef]:
@@ -213,11 +215,13 @@ def _may_return(vcpu: Vcpu, dst: _Pcpu) -> bool:
     A vCPU that never idles reads as wanting all the time it was runnable, an upper bound:
     two such vCPUs sharing a full pCPU both read 100, and whichever of a pair moves on shows
     what it really wants while the one left behind still reads 100. Taken at face value that
-    swaps the pair back and forth (the simulator's `phases` did so four cycles running). So a
-    vCPU whose demand was measured in full goes back where it came from only after the
-    cooldown; one still short of time may, since its first move was made on the bound.
+    swaps the pair back and forth (the simulator's `phases` did so four cycles running). Near
+    a full pCPU the estimate also swells for a moment (on the lab a 40% guest once read 63
+    beside a pCPU 99% busy, ten cycles after balance, and was swapped back for a 50% guest). So
+    a vCPU goes back where it came from only after the cooldown, unless it now reads as wanting
+    a whole pCPU: its first move was made on that bound, and going back is the correction.
     """
-    return dst.number not in vcpu.left or vcpu.demand > vcpu.load + SHORT
+    return dst.number not in vcpu.left or vcpu.demand >= SATURATED
 
 
 def _gain(gap: float, transfer: float) -> float:
