@@ -100,6 +100,10 @@ class Agent:
             )
         for domain in sorted(known - current):
             self._forget(domain)
+        if known != current and self.left:
+            # A guest that starts or stops changes what the pCPUs hold: the cooldown guards
+            # against reading the same situation twice, and this one is new.
+            self.left.clear()
         for ref, counters in sample.vcpus.items():
             self.original.setdefault(ref, counters.affinity)
 

@@ -134,3 +134,15 @@ def test_moved_vcpus_carry_the_pcpu_they_left_for_the_cooldown() -> None:
     _run(agent, host, policy.COOLDOWN)
     assert agent.snapshot is not None
     assert all(not v.left for v in agent.snapshot.vcpus)
+
+
+def test_a_guest_starting_or_stopping_ends_every_cooldown() -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}), stop=5.0)
+    agent = Agent(host, Config())
+    _run(agent, host, 3)
+    assert agent.left, "the first moves start cooldowns"
+    _run(agent, host, 4)  # vm0 stops at 5 s
+    assert "vm0" not in {ref.domain for ref in agent.original}
+    assert agent.snapshot is not None
+    assert not agent.left
+    assert all(not v.left for v in agent.snapshot.vcpus)
