@@ -22,6 +22,10 @@ WINDOWS = 3
 # guests are only judged over windows where the host was quiet enough to tell.
 QUIET = 4.0
 DEADLINE = 90.0
+# A pCPU's busy time is its guests' vCPU time plus QEMU's own threads and whatever else ran
+# there, which the windows that count keep within QUIET: the pCPU is judged within that much
+# more. (A clean-clone run measured a 25% guest at 29.0 and its pCPU at 30.5.)
+PCPU_TOLERANCE = TOLERANCE + QUIET
 
 
 def measure(lab: Lab) -> list[Measurement]:
@@ -73,8 +77,8 @@ def test_load_alone_matches_its_setting(vmlab: Lab) -> None:
     record_result(vmlab, "lab-load-alone", got)
     assert got["vcpu25"] == pytest.approx(25, abs=TOLERANCE)
     assert got["vcpu75"] == pytest.approx(75, abs=TOLERANCE)
-    assert got["pcpu25"] == pytest.approx(25, abs=TOLERANCE)
-    assert got["pcpu75"] == pytest.approx(75, abs=TOLERANCE)
+    assert got["pcpu25"] == pytest.approx(25, abs=PCPU_TOLERANCE)
+    assert got["pcpu75"] == pytest.approx(75, abs=PCPU_TOLERANCE)
 
 
 def test_guests_sharing_a_pcpu_add_up(vmlab: Lab) -> None:
@@ -94,7 +98,7 @@ def test_guests_sharing_a_pcpu_add_up(vmlab: Lab) -> None:
     record_result(vmlab, "lab-loads-add-up", got)
     assert got["vcpu30"] == pytest.approx(30, abs=TOLERANCE)
     assert got["vcpu40"] == pytest.approx(40, abs=TOLERANCE)
-    assert got["pcpu"] == pytest.approx(70, abs=TOLERANCE)
+    assert got["pcpu"] == pytest.approx(70, abs=PCPU_TOLERANCE)
 
 
 def test_saturated_pcpu_caps_at_100(vmlab: Lab) -> None:
