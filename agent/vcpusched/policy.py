@@ -342,24 +342,16 @@ def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
     pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]] = {}
     # Bounded so a pathological input cannot stall a cycle; each move already lowers the
     # sum of squares by a fixed step, so real inputs end long before this.
-    by_load = sorted(targets, key=_by_load)
     for _ in range(4 * sum(len(p.vcpus) for p in targets) + len(targets)):
+        by_load = sorted(targets, key=lambda p: (p.load, p.number))
         step = _best_step(by_load, config.min_gain, pairs)
         if step is None:
             return
         src, dst, out, back = step
-        for p in (src, dst):
-            del by_load[bisect.bisect_left(by_load, _by_load(p), key=_by_load)]
         before = (src.load, dst.load)
         _move(out, src, dst, result, before)
         if back is not None:
             _move(back, dst, src, result, before[::-1])
-        for p in (src, dst):
-            bisect.insort(by_load, p, key=_by_load)
-
-
-def _by_load(p: _Pcpu) -> tuple[float, int]:
-    return (p.load, p.number)
 
 
 def _best_step(
@@ -421,18 +413,9 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
         return best
     # What a swap can bring in is bounded by the room plus the most it can send back.
     room = FULL - dst.busy + max(v.load for v in dst.vcpus)
-    same = (-1.0, FULL)  # (demand, least received) of the vCPUs just tried
     for swap_out in src.vcpus:
         if swap_out.load > room or not _may_return(swap_out, dst):
             continue
-        # Equal demands make equal swaps, and one that received more fits no better: many
-        # starved vCPUs all read the same capped demand.
-        if math.isclose(swap_out.demand, same[0], abs_tol=1e-6):
-            if swap_out.load >= same[1]:
-                continue
-            same = (same[0], swap_out.load)
-        else:
-            same = (swap_out.demand, swap_out.load)
         back = dst.nearest(
             swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
         )
