@@ -6,7 +6,7 @@ Loads are percentages of one pCPU: a vCPU that runs all the time has load 100.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # A pCPU this busy (percent) has no time to spare: moving work onto it cannot raise anyone's
@@ -63,6 +63,9 @@ class Vcpu:
     settling: bool = False
     # pCPUs it was moved off in the last few cycles: the policy does not move it back there yet.
     left: frozenset[int] = frozenset()
+    # Those of `left` that were full when it left: that move was made on readings that were
+    # bounds, and may be corrected once the readings are not.
+    left_full: frozenset[int] = frozenset()
 
     @property
     def pcpu(self) -> int | None:
@@ -78,6 +81,8 @@ class Snapshot:
 
     pcpu_load: Mapping[int, float]
     vcpus: tuple[Vcpu, ...]
+    # Standard deviation of a pCPU's load beyond its vCPUs' own noise, where it is known.
+    pcpu_noise: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

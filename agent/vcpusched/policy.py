@@ -29,8 +29,9 @@ converging; with the margin it makes none, and still converges within one cycle 
 change, because a change larger than the noise resets the smoothing at once. Upper bounds
 need more still: vCPUs that share a full pCPU never idle and all read as wanting a whole one,
 so whichever of an equal pair moves on shows its real demand while the other still reads 100,
-and the next plan would swap them back. A vCPU measured in full therefore does not return to
-a pCPU it left within COOLDOWN cycles (`_may_return`).
+and the next plan would swap them back. So within COOLDOWN cycles a vCPU returns to a pCPU it
+left only to correct a move made on such bounds, and then only on readings that are not
+(`_may_return`).
 
 A pCPU's load is its *demand*: the load of the work pinned there plus what waits for it, plus
 the load on it that no pinned vCPU explains (host work, unpinned vCPUs). Demand can pass 100:
@@ -51,16 +52,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vcpusched.config import Config
-from vcpusched.model import SATURATED, Move, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, SHORT, Move, Snapshot, Vcpu, VcpuRef
 
 FULL = 100.0
 
 # How many standard deviations of measurement noise a refining move must clear (beyond
 # min_gain) before it is trusted.
 NOISE_SIGMAS = 3.0
-# Cycles during which a moved vCPU is not moved back onto the pCPU it left (`Vcpu.left`):
-# 75 s at the default interval. Longer holds back answers to real load changes (24 left the
-# benchmark's `phases`, whose loads change every 20 cycles, unbalanced for a whole phase).
+# Cycles during which a moved vCPU does not go back to the pCPU it left (`_may_return`):
+# 15 s at the default interval, 30 s on the lab's. Longer holds
+# back answers to real load changes (24 left the benchmark's `phases`, whose loads change
+# every 20 cycles, unbalanced for a whole phase).
 COOLDOWN = 15
 
 
@@ -209,19 +211,34 @@ def _estimates(
     return demand, busy
 
 
-def _may_return(vcpu: Vcpu, dst: _Pcpu) -> bool:
-    """Whether `vcpu` may go to `dst`, which it may have left within COOLDOWN cycles.
+def _may_return(vcpu: Vcpu, dst: _Pcpu, partner: Vcpu | None = None) -> bool:
+    """Whether `vcpu` may go to `dst`, which it may have left within COOLDOWN cycles, in a step
+    that sends `partner` (if any) the other way.
 
     A vCPU that never idles reads as wanting all the time it was runnable, an upper bound:
     two such vCPUs sharing a full pCPU both read 100, and whichever of a pair moves on shows
     what it really wants while the one left behind still reads 100. Taken at face value that
     swaps the pair back and forth (the simulator's `phases` did so four cycles running). Near
     a full pCPU the estimate also swells for a moment (on the lab a 40% guest once read 63
-    beside a pCPU 99% busy, ten cycles after balance, and was swapped back for a 50% guest). So
-    a vCPU goes back where it came from only after the cooldown, unless it now reads as wanting
-    a whole pCPU: its first move was made on that bound, and going back is the correction.
+    beside a pCPU 99% busy, ten cycles after balance, and was swapped back for a 50% guest;
+    another time a 10% guest was moved back beside a 50 and a 40 reading 138 together on a
+    full pCPU, for nothing). So a vCPU does not go back within the cooldown, with two
+    exceptions. If the pCPU it left was full, its move off it was made on bounds, a guess (on a
+    2-pCPU host every correction of the first spread sends some vCPU back): it may go back on
+    readings that are not bounds, neither it nor its partner short of time. And one that reads
+    as wanting a whole pCPU may go back: its first move was made on that bound, and going back
+    is the correction.
     """
-    return dst.number not in vcpu.left or vcpu.demand >= SATURATED
+    if dst.number not in vcpu.left or vcpu.demand >= SATURATED:
+        return True
+    if dst.number not in vcpu.left_full:
+        return False
+    return not _short(vcpu) and (partner is None or not _short(partner))
+
+
+def _short(vcpu: Vcpu) -> bool:
+    """Whether its demand is a bound from waiting rather than the time it used."""
+    return vcpu.demand > vcpu.load + SHORT
 
 
 def _gain(gap: float, transfer: float) -> float:
@@ -242,7 +259,10 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
         to_place = [v for v in to_place if v.pcpu is not None]
     floating = [v for v in to_place if v.pcpu is None]
     loads, busy = _estimates(snapshot, floating)
-    pcpu = {n: _Pcpu(n, loads[n], busy=busy[n]) for n in loads}
+    pcpu = {
+        n: _Pcpu(n, loads[n], busy=busy[n], noise2=snapshot.pcpu_noise.get(n, 0.0) ** 2)
+        for n in loads
+    }
     for vcpu in snapshot.vcpus:
         home = vcpu.pcpu
         if home is None or home not in pcpu:
@@ -414,12 +434,17 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
     # What a swap can bring in is bounded by the room plus the most it can send back.
     room = FULL - dst.busy + max(v.load for v in dst.vcpus)
     for swap_out in src.vcpus:
-        if swap_out.load > room or not _may_return(swap_out, dst):
+        if swap_out.load > room:
             continue
         back = dst.nearest(
             swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
         )
-        if back is None or not dst.fits(swap_out.load, back.load) or not _may_return(back, src):
+        if (
+            back is None
+            or not dst.fits(swap_out.load, back.load)
+            or not _may_return(swap_out, dst, back)
+            or not _may_return(back, src, swap_out)
+        ):
             continue
         gain = _gain(gap, swap_out.demand - back.demand)
         if gain >= need_swap and (best is None or gain > best[0]):

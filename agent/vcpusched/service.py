@@ -19,7 +19,7 @@ from vcpusched import __version__, notify, policy, stats
 from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
-from vcpusched.model import HostSample, Move, Snapshot, VcpuRef, format_cpus
+from vcpusched.model import SATURATED, HostSample, Move, Snapshot, VcpuRef, format_cpus
 
 log = logging.getLogger("vcpusched")
 
@@ -39,8 +39,9 @@ class Agent:
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
         self.cycle = 0
-        # The pCPU each moved vCPU left, and the cycle it left it in (see policy.COOLDOWN).
-        self.left: dict[VcpuRef, list[tuple[int, int]]] = {}
+        # The pCPU each moved vCPU left, the cycle it left it in, and whether that pCPU was
+        # full then (see policy.COOLDOWN).
+        self.left: dict[VcpuRef, list[tuple[int, int, bool]]] = {}
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
@@ -68,7 +69,8 @@ class Agent:
             self._log_dry_run(moves)
             applied: list[Move] = []
         else:
-            applied = self._apply(moves)
+            full = frozenset(p for p, u in measured.pcpu_load.items() if u >= SATURATED)
+            applied = self._apply(moves, full)
         self._log_balance(snapshot, bool(moves))
         return applied
 
@@ -78,15 +80,21 @@ class Agent:
         self.left = {
             ref: kept
             for ref, left in self.left.items()
-            if (kept := [(c, p) for c, p in left if c > recent])
+            if (kept := [entry for entry in left if entry[0] > recent])
         }
         if not self.left:
             return snapshot
-        vcpus = tuple(
-            replace(v, left=frozenset(p for _, p in self.left[v.ref])) if v.ref in self.left else v
-            for v in snapshot.vcpus
-        )
-        return replace(snapshot, vcpus=vcpus)
+        vcpus = []
+        for v in snapshot.vcpus:
+            left = self.left.get(v.ref)
+            if left:
+                v = replace(
+                    v,
+                    left=frozenset(p for _, p, _ in left),
+                    left_full=frozenset(p for _, p, full in left if full),
+                )
+            vcpus.append(v)
+        return replace(snapshot, vcpus=tuple(vcpus))
 
     def _track_domains(self, sample: HostSample) -> None:
         known = {ref.domain for ref in self.original}
@@ -117,7 +125,8 @@ class Agent:
             del self.original[ref]
             self.changed.pop(ref, None)
 
-    def _apply(self, moves: list[Move]) -> list[Move]:
+    def _apply(self, moves: list[Move], full: frozenset[int] = frozenset()) -> list[Move]:
+        """Pin each move; `full` are the pCPUs measured full this cycle."""
         applied = []
         for move in moves:
             try:
@@ -139,7 +148,9 @@ class Agent:
             self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
             if len(move.src) == 1:
-                self.left.setdefault(move.ref, []).extend((self.cycle, p) for p in move.src)
+                self.left.setdefault(move.ref, []).extend(
+                    (self.cycle, p, p in full) for p in move.src
+                )
             applied.append(move)
             log.info(_move_line(move))
         return applied

@@ -110,6 +110,13 @@ class Smoother:
     # it has run long (`_shrink` gives it after n samples).
     SHRINK = (ALPHA / (2 - ALPHA)) ** 0.5
     JUMP_SIGMAS = 4.0
+    # Until a vCPU has PRIOR_SAMPLES readings no step of its own tells how noisy it is, and
+    # its pCPU's load is taken to be this noisy (one figure per pCPU, however many vCPUs are
+    # new there): a few times what the lab's guests show per reading (0.3-0.9). Without it a
+    # freshly started agent took its first readings for exact, and on a shared host swapped
+    # two equal 40% guests of a balanced pinning it had just adopted.
+    PRIOR_NOISE = 2.0
+    PRIOR_SAMPLES = 3
 
     def __init__(self) -> None:
         self._state: dict[VcpuRef, _State] = {}
@@ -122,6 +129,7 @@ class Smoother:
         state: dict[VcpuRef, _State] = {}
         vcpus = []
         shift: dict[int, float] = defaultdict(float)
+        unknown: set[int] = set()  # pCPUs holding a vCPU whose noise is not known yet
         for vcpu in snapshot.vcpus:
             prior = self._state.get(vcpu.ref)
             floating = vcpu.pcpu is None
@@ -151,13 +159,22 @@ class Smoother:
                     averaged = prior.averaged + 1
                 history = [*history[-(self.HISTORY - 1) :], vcpu.demand]
                 now = _State(
-                    load, demand, history, vcpu.affinity, prior.short or short, carried, averaged
+                    load,
+                    demand,
+                    history,
+                    vcpu.affinity,
+                    prior.short or short,
+                    carried,
+                    averaged,
+                    min(prior.seen + 1, self.PRIOR_SAMPLES),
                 )
             noise = now.noise() * _shrink(now.averaged)
             state[vcpu.ref] = now
             pcpu = vcpu.pcpu
             if pcpu is not None:
                 shift[pcpu] += now.load - vcpu.load
+                if now.seen < self.PRIOR_SAMPLES:
+                    unknown.add(pcpu)
             demand = statistics.median(now.history) if floating else now.demand
             vcpus.append(
                 replace(
@@ -172,7 +189,8 @@ class Smoother:
         # What a pCPU holds beyond its pinned vCPUs (host work) stays as measured; only the
         # vCPUs' part of its utilization is replaced by their steadied loads.
         pcpu_load = {p: min(100.0, max(0.0, u + shift[p])) for p, u in snapshot.pcpu_load.items()}
-        return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus))
+        pcpu_noise = {p: self.PRIOR_NOISE for p in unknown if p in pcpu_load}
+        return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus), pcpu_noise=pcpu_noise)
 
 
 @dataclass(slots=True)
@@ -184,6 +202,7 @@ class _State:
     short: bool  # short of time in some interval of `history`
     carried: float = 0.0  # the noise from before the last jump, until `history` can tell
     averaged: int = 0  # samples averaged in since the level was last set from one sample
+    seen: int = 1  # samples since it was first seen, up to Smoother.PRIOR_SAMPLES
 
     def noise(self) -> float:
         measured = _step_sigma(self.history) if len(self.history) >= 3 else 0.0

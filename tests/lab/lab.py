@@ -505,7 +505,14 @@ class Lab:
         return guests
 
     def lab_domains(self, prefix: str = PREFIX) -> list[libvirt.virDomain]:
-        return [d for d in self.conn.listAllDomains() if d.name().startswith(prefix)]
+        try:
+            domains = self.conn.listAllDomains()
+        except libvirt.libvirtError:
+            # A connection made before a libvirtd restart (the fault tests restart it) still
+            # looks alive until its first call fails: reconnect once.
+            self.close()
+            domains = self.conn.listAllDomains()
+        return [d for d in domains if d.name().startswith(prefix)]
 
     def destroy(self, names: Iterable[str]) -> None:
         """Destroy and undefine lab domains by name; names that do not exist are fine."""

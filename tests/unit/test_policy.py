@@ -103,6 +103,62 @@ def test_a_vcpu_still_short_of_time_may_go_back() -> None:
     assert sorted((m.ref.domain[:2], m.dst) for m in moves) == [("vm", 0), ("vm", 1)]
 
 
+def test_a_first_spread_made_on_bounds_is_corrected_at_once() -> None:
+    # Six guests began on pCPU0, where every one read an upper bound, and the first spread
+    # sent 40, 20 and 10 to pCPU1: 110 against 70. Now everyone but the 50 idles and reads
+    # what it uses, and every step with room sends one of pCPU1's vCPUs back.
+    full = frozenset({0})  # pCPU0 was full when they left it
+    moved = [
+        replace(vcpu(name, load, 1), left=full, left_full=full)
+        for name, load in (("b40", 40), ("e20", 20), ("f10", 10))
+    ]
+    stayed = [vcpu("a50", 50, 0), vcpu("c30", 30, 0), vcpu("d30", 30, 0)]
+    snap = snapshot([*stayed, *moved], pcpus=2)
+    assert snap.vcpus[0].load < snap.vcpus[0].demand  # the 50 is short of time
+    moves = plan(snap, CFG)
+    assert sorted(apply(snap, moves).values()) == [90, 90]
+    assert len(moves) == 2
+
+
+def test_a_move_made_on_full_readings_is_not_undone_on_bounds() -> None:
+    # The 10 left pCPU1 (not full) for pCPU0, where the 50 and 40 now share a full pCPU and
+    # read 138 together, a bound. Sending it back looks like a 22-point gain, and is
+    # nothing: held by the cooldown. Had pCPU1 been full when it left, it could go back.
+    vcpus = [
+        vcpu("a50", 50, 0, demand=75),
+        vcpu("b40", 40, 0, demand=63),
+        replace(vcpu("f10", 10, 0), left=frozenset({1})),
+        vcpu("c30", 30, 1),
+        vcpu("d30", 30, 1),
+        vcpu("e20", 20, 1),
+    ]
+    snap = snapshot(vcpus, pcpus=2, background={1: 8})
+    assert plan(snap, CFG) == []
+    guessed = replace(vcpus[2], left_full=frozenset({1}))
+    moves = plan(snapshot([*vcpus[:2], guessed, *vcpus[3:]], pcpus=2, background={1: 8}), CFG)
+    assert [(m.ref.domain, m.dst) for m in moves] == [("f10", 1)]
+
+
+def test_an_excluded_neighbour_does_not_hold_back_the_correction() -> None:
+    # The excluded 60 and a 40 on pCPU0, the three 20s sent to pCPU1 by the first spread.
+    full = frozenset({0})
+    moved = [replace(vcpu(f"v20-{i}", 20, 1), left=full, left_full=full) for i in range(3)]
+    snap = snapshot([vcpu("x", 60, 0, excluded=True), vcpu("v40", 40, 0), *moved], pcpus=2)
+    moves = plan(snap, CFG)
+    assert sorted(apply(snap, moves).values()) == [80, 80]
+    assert "x" not in {m.ref.domain for m in moves}
+
+
+def test_first_readings_of_a_balanced_pinning_are_not_taken_for_exact() -> None:
+    # A freshly started agent finds two 40s on each pCPU; one interval reads 44 + 44 beside
+    # 40 + 38, foreign work on pCPU0 adding 6 more. Taken for exact that is a swap of a 44
+    # for the 38; with the noise of pCPUs whose vCPUs are new, it is no reason to move.
+    vcpus = [vcpu("a", 44, 0), vcpu("b", 44, 0), vcpu("c", 40, 1), vcpu("d", 38, 1)]
+    snap = snapshot(vcpus, pcpus=2, background={0: 6})
+    assert plan(snap, CFG) != []
+    assert plan(replace(snap, pcpu_noise={0: 2.0, 1: 2.0}), CFG) == []
+
+
 def test_idle_unpinned_vcpus_spread_evenly_by_count() -> None:
     snap = snapshot([vcpu(f"vm{i}", 0.3 * i, None, pcpus=4) for i in range(8)], pcpus=4)
     moves = plan(snap, CFG)

@@ -129,8 +129,9 @@ def test_moved_vcpus_carry_the_pcpu_they_left_for_the_cooldown() -> None:
     assert len(moved) == 2
     _run(agent, host, 1)
     assert agent.snapshot is not None
-    left = {v.ref: v.left for v in agent.snapshot.vcpus}
-    assert all(left[ref] == frozenset({0}) for ref in moved)
+    left = {v.ref: (v.left, v.left_full) for v in agent.snapshot.vcpus}
+    # Four 40s fill pCPU0: the moves off it were made from a full pCPU.
+    assert all(left[ref] == (frozenset({0}), frozenset({0})) for ref in moved)
     _run(agent, host, policy.COOLDOWN)
     assert agent.snapshot is not None
     assert all(not v.left for v in agent.snapshot.vcpus)

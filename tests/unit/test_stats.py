@@ -167,3 +167,18 @@ def test_a_vcpu_that_begins_to_float_starts_a_new_history() -> None:
         smoother.update(_snap({"a": 20.0}, {"a": 0}), min_jump=5.0)
     out = smoother.update(_floating({"a": 100.0}), min_jump=5.0)
     assert (out.vcpus[0].demand, out.vcpus[0].settling) == (100.0, True)
+
+
+def test_a_pcpu_of_new_vcpus_counts_as_noisy_until_their_own_noise_is_known() -> None:
+    smoother = Smoother()
+    pins = {"a": 0, "b": 0, "c": 1}
+    seen = []
+    for _ in range(Smoother.PRIOR_SAMPLES + 1):
+        seen.append(smoother.update(_snap({"a": 40, "b": 40, "c": 40}, pins), 5.0).pcpu_noise)
+    first = seen[: Smoother.PRIOR_SAMPLES - 1]
+    # One figure per pCPU, however many new vCPUs it holds.
+    assert all(noise == {0: Smoother.PRIOR_NOISE, 1: Smoother.PRIOR_NOISE} for noise in first)
+    assert seen[-1] == {}
+    # A guest that starts later makes only its own pCPU uncertain.
+    out = smoother.update(_snap({"a": 40, "b": 40, "c": 40, "d": 10}, {**pins, "d": 1}), 5.0)
+    assert out.pcpu_noise == {1: Smoother.PRIOR_NOISE}
