@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 # measures for a vCPU that never idles (counters of different precision jitter by ±1-3 points
 # over 2 s), so a starved vCPU is not mistaken for a satisfied one by noise alone.
 SATISFIED_SLEEP = 10.0
-# Samples a floating vCPU whose demand is uncertain is measured over before it is placed.
-PLACE_SAMPLES = 3
+# Samples a floating vCPU whose demand is uncertain is measured over before it is placed. On
+# the lab a 50% guest sharing full pCPUs with 100% ones idles in bursts (0-5 points in one
+# 2-second interval, none in the next three): the median of 3 samples ranked the two kinds
+# right in 26 of 38 windows, the mean of 8 in 32 of 33.
+PLACE_SAMPLES = 8
 
 
 def _percent(delta_ns: int, elapsed_s: float) -> float:
@@ -97,9 +100,10 @@ class Smoother:
     placed once, and a wrong placement sticks, because once both pCPUs are full nothing
     measured tells a vCPU that wants 100 from one that wants 50 (on the lab both run about
     half the time and wait the rest, and only the lighter one idles, a few points in each
-    interval). So its demand is the median of its raw demands since it began to float, and
-    one that was ever short of time is held back (`settling`) until PLACE_SAMPLES of them
-    outvote a single odd interval.
+    interval). So its demand is the mean of its raw demands since it began to float (a
+    median, or a trimmed mean, drops the light one's bursts of idle, which are all that tells
+    it apart), and one that was ever short of time is held back (`settling`) until
+    PLACE_SAMPLES of them are in. Meanwhile the kernel balances it, as before the agent ran.
     """
 
     ALPHA = 0.3
@@ -175,7 +179,7 @@ class Smoother:
                 shift[pcpu] += now.load - vcpu.load
                 if now.seen < self.PRIOR_SAMPLES:
                     unknown.add(pcpu)
-            demand = statistics.median(now.history) if floating else now.demand
+            demand = statistics.fmean(now.history) if floating else now.demand
             vcpus.append(
                 replace(
                     vcpu,
