@@ -85,6 +85,7 @@ class _Pcpu:
     fixed: int = 0  # anchored here but not movable (excluded)
     noise2: float = 0.0  # variance of `load`, from its vCPUs' noise
     busy: float = 0.0  # measured utilization, then what the plan's moves make of it
+    shorts: int = 0  # vCPUs here short of time, movable or not (see `fits`)
     version: int = 0  # counts changes, so that what was worked out for it can be reused
 
     def fits(self, incoming: float, outgoing: float = 0.0) -> bool:
@@ -94,9 +95,12 @@ class _Pcpu:
         runnable, so its wait reads as a whole pCPU), but the time it received is real. Moving
         work onto a pCPU that is already full, or that the received time would fill, cannot
         raise anyone's share under a fair scheduler: it only moves the waiting elsewhere. On
-        the lab, allowing it made two pCPUs near 100% trade vCPUs back and forth.
+        the lab, allowing it made two pCPUs near 100% trade vCPUs back and forth. A pCPU is
+        full when a vCPU on it is short of time, whatever its utilization says: on the lab
+        QEMU's own threads float elsewhere, and a pCPU holding a 100% and a 50% guest read
+        96% busy while the 50 waited; two such pCPUs swapped their 50s on bound readings.
         """
-        return self.busy < SATURATED and self.busy - outgoing + incoming <= FULL
+        return not self.shorts and self.busy < SATURATED and self.busy - outgoing + incoming <= FULL
 
     @property
     def count(self) -> int:
@@ -108,6 +112,7 @@ class _Pcpu:
         self.load += vcpu.demand
         self.busy += vcpu.load
         self.noise2 += vcpu.noise**2
+        self.shorts += self._measured_short(vcpu)
 
     def remove(self, vcpu: Vcpu) -> None:
         self.version += 1
@@ -115,6 +120,11 @@ class _Pcpu:
         self.load -= vcpu.demand
         self.busy -= vcpu.load
         self.noise2 -= vcpu.noise**2
+        self.shorts -= self._measured_short(vcpu)
+
+    def _measured_short(self, vcpu: Vcpu) -> bool:
+        # Short of time here, where it was measured; moved elsewhere, it may not be.
+        return vcpu.pcpu == self.number and _short(vcpu)
 
     def nearest(self, want: float, lo: float, hi: float) -> Vcpu | None:
         """The vCPU with demand in [lo, hi] nearest to `want`; the larger one on a tie."""
@@ -268,6 +278,7 @@ def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None
         if home is None or home not in pcpu:
             continue
         pcpu[home].noise2 += vcpu.noise**2
+        pcpu[home].shorts += _short(vcpu)
         if vcpu.excluded or home not in allowed:
             pcpu[home].fixed += 1
         else:
@@ -310,6 +321,7 @@ def _place(
         if src is not None:
             src.load -= vcpu.demand
             src.fixed -= 1
+            src.shorts -= _short(vcpu)
         dst.add(vcpu)
         siblings[dst.number, vcpu.ref.domain] += 1
         for _, number in popped:
@@ -416,7 +428,7 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
     """
     gap = src.load - dst.load
     need = min_gain + NOISE_SIGMAS * math.sqrt(max(0.0, src.noise2 + dst.noise2))
-    if gap < need or dst.busy >= SATURATED:
+    if gap < need or dst.shorts or dst.busy >= SATURATED:
         return None  # within the noise, or full: nothing can go there (see `fits`)
     half = need / 2
     best: _Step | None = None
