@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[0] == "bench":
         # The benchmark parses its own options; it and its plotting stay out of the agent's
         # own imports.
-        bench = importlib.import_module("vcpusched.bench")
+        bench = importlib.import_module("vcpusched_sim.bench")
         code: int = bench.main(args_list[1:])
         return code
     args = _parser().parse_args(args_list)
@@ -225,34 +225,33 @@ def status(path: Path | None, interval: float | None) -> int:
     )
     if snapshot is None:
         return _fail("clock did not advance between samples")
-    allowed = policy.allowed_pcpus(config, snapshot.pcpu_load)
+    allowed = policy.allowed_pcpus(config, snapshot.util)
     print(render_status(snapshot, allowed))
     return 0
 
 
 def render_status(snapshot: Snapshot, allowed: frozenset[int]) -> str:
-    demand = policy.pcpu_loads(snapshot)
+    demand = policy.pcpu_demand(snapshot)
     by_pcpu: dict[int | None, list[Vcpu]] = {}
     for vcpu in snapshot.vcpus:
         by_pcpu.setdefault(vcpu.pcpu, []).append(vcpu)
-    lines = [f"{'pcpu':>4} {'util%':>6} {'demand%':>8}  vcpus (domain/vcpu load%)"]
-    for pcpu in sorted(snapshot.pcpu_load):
+    lines = [f"{'pcpu':>4} {'util%':>6} {'demand%':>8}  vcpus (domain/vcpu received%)"]
+    for pcpu in sorted(snapshot.util):
         mark = "" if pcpu in allowed else " (not in cpus)"
         members = " ".join(_vcpu_text(v) for v in by_pcpu.get(pcpu, []))
         lines.append(
-            f"{pcpu:>4} {snapshot.pcpu_load[pcpu]:>6.1f} {demand[pcpu]:>8.1f}  "
-            f"{members or '-'}{mark}"
+            f"{pcpu:>4} {snapshot.util[pcpu]:>6.1f} {demand[pcpu]:>8.1f}  {members or '-'}{mark}"
         )
     floating = by_pcpu.get(None, [])
     if floating:
         lines.append("unpinned: " + " ".join(_vcpu_text(v) for v in floating))
-    loads = [snapshot.pcpu_load[p] for p in sorted(allowed)]
-    sd = statistics.pstdev(loads) if loads else 0.0
+    util = [snapshot.util[p] for p in sorted(allowed)]
+    sd = statistics.pstdev(util) if util else 0.0
     if any(v.excluded for v in snapshot.vcpus):
-        lines.append("* excluded: never re-pinned, load still counted")
-    lines.append(f"pcpus {format_cpus(allowed)}  mean {statistics.fmean(loads):.1f}%  sd {sd:.1f}")
+        lines.append("* excluded: never re-pinned, demand still counted")
+    lines.append(f"pcpus {format_cpus(allowed)}  mean {statistics.fmean(util):.1f}%  sd {sd:.1f}")
     return "\n".join(lines)
 
 
 def _vcpu_text(vcpu: Vcpu) -> str:
-    return f"{vcpu.ref}{'*' if vcpu.excluded else ''}:{vcpu.load:.0f}"
+    return f"{vcpu.ref}{'*' if vcpu.excluded else ''}:{vcpu.received:.0f}"

@@ -1,6 +1,8 @@
-"""The values that flow between the host, the load arithmetic and the policy.
+"""The values that flow between the host, the estimates and the policy.
 
-Loads are percentages of one pCPU: a vCPU that runs all the time has load 100.
+Every figure is a percentage of one pCPU: a vCPU that runs all the time has received 100. One
+name per idea: a pCPU's measured `util`, the CPU time a vCPU `received`, and the `demand` it
+(or a pCPU's vCPUs) would use with room.
 """
 
 from __future__ import annotations
@@ -48,12 +50,12 @@ class HostSample:
 class Vcpu:
     """One vCPU as the policy sees it over the last interval.
 
-    `load` is the CPU time it received; `demand` adds the time it waited for a pCPU, so two
-    vCPUs that each want a whole pCPU but share one show load 50 and demand 100.
+    `received` is the CPU time it got; `demand` adds the time it waited for a pCPU, so two
+    vCPUs that each want a whole pCPU but share one show received 50 and demand 100.
     """
 
     ref: VcpuRef
-    load: float
+    received: float
     demand: float
     affinity: frozenset[int]
     excluded: bool = False
@@ -77,28 +79,41 @@ class Vcpu:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Loads over one interval: measured pCPU utilization and every vCPU."""
+    """One interval: each pCPU's measured utilization and every vCPU."""
 
-    pcpu_load: Mapping[int, float]
+    util: Mapping[int, float]
     vcpus: tuple[Vcpu, ...]
-    # Standard deviation of a pCPU's load beyond its vCPUs' own noise, where it is known.
+    # Standard deviation of a pCPU's demand beyond its vCPUs' own noise, where it is known.
     pcpu_noise: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Move:
-    """Pin one vCPU to one pCPU. `src` is its affinity before; loads are the policy's estimates."""
+    """Pin one vCPU to one pCPU. `src` is its affinity before; the demands are the policy's
+    estimates before the move (of the vCPU, and of the pCPUs it leaves and joins)."""
 
     ref: VcpuRef
     src: frozenset[int]
     dst: int
-    load: float
-    src_load: float | None
-    dst_load: float
+    demand: float
+    src_demand: float | None
+    dst_demand: float
+    reason: str = ""
 
     @property
     def kind(self) -> str:
         return "move" if len(self.src) == 1 else "place"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the policy decided in one cycle."""
+
+    moves: tuple[Move, ...] = ()
+    # Why moves were considered and held back this cycle: reason -> how many.
+    held: Mapping[str, int] = field(default_factory=dict)
+    # The policy's estimate of each pCPU's demand, before the moves.
+    pcpu_demand: Mapping[int, float] = field(default_factory=dict)
 
 
 def format_cpus(cpus: frozenset[int] | set[int]) -> str:

@@ -48,11 +48,12 @@ import bisect
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
+from vcpusched import stats
 from vcpusched.config import Config
-from vcpusched.model import SATURATED, SHORT, Move, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import SATURATED, SHORT, Move, Plan, Snapshot, Vcpu, VcpuRef
 
 FULL = 100.0
 
@@ -77,13 +78,13 @@ def _demand(vcpu: Vcpu) -> float:
 @dataclass(slots=True)
 class _Pcpu:
     number: int
-    load: float
+    demand: float
     # Movable vCPUs anchored here, kept sorted by demand so that the vCPU whose demand is
     # nearest a wanted transfer is found by bisection: a plan on a host with a thousand vCPUs
     # must stay within milliseconds.
     vcpus: list[Vcpu] = field(default_factory=list)
     fixed: int = 0  # anchored here but not movable (excluded)
-    noise2: float = 0.0  # variance of `load`, from its vCPUs' noise
+    noise2: float = 0.0  # variance of `demand`, from its vCPUs' noise
     busy: float = 0.0  # measured utilization, then what the plan's moves make of it
     shorts: int = 0  # vCPUs here short of time, movable or not (see `fits`)
     version: int = 0  # counts changes, so that what was worked out for it can be reused
@@ -109,16 +110,16 @@ class _Pcpu:
     def add(self, vcpu: Vcpu) -> None:
         self.version += 1
         bisect.insort(self.vcpus, vcpu, key=_order)
-        self.load += vcpu.demand
-        self.busy += vcpu.load
+        self.demand += vcpu.demand
+        self.busy += vcpu.received
         self.noise2 += vcpu.noise**2
         self.shorts += self._measured_short(vcpu)
 
     def remove(self, vcpu: Vcpu) -> None:
         self.version += 1
         del self.vcpus[bisect.bisect_left(self.vcpus, _order(vcpu), key=_order)]
-        self.load -= vcpu.demand
-        self.busy -= vcpu.load
+        self.demand -= vcpu.demand
+        self.busy -= vcpu.received
         self.noise2 -= vcpu.noise**2
         self.shorts -= self._measured_short(vcpu)
 
@@ -152,22 +153,24 @@ class _Plan:
         vcpu: Vcpu,
         src: _Pcpu | None,
         dst: _Pcpu,
-        loads: tuple[float, float] | None = None,
+        reason: str,
+        demands: tuple[float, float] | None = None,
     ) -> None:
-        """Record a move; `loads` overrides (src, dst) loads, for the two halves of a swap."""
-        src_load = None if src is None else src.load
-        dst_load = dst.load
-        if loads is not None:
-            src_load, dst_load = loads
+        """Record a move; `demands` overrides (src, dst) demands, for the two halves of a swap."""
+        src_demand = None if src is None else src.demand
+        dst_demand = dst.demand
+        if demands is not None:
+            src_demand, dst_demand = demands
         first = self.moves.get(vcpu.ref)
         if first is None:
             self.moves[vcpu.ref] = Move(
                 ref=vcpu.ref,
                 src=vcpu.affinity,
                 dst=dst.number,
-                load=vcpu.demand,
-                src_load=None if src_load is None else round(src_load, 1),
-                dst_load=round(dst_load, 1),
+                demand=vcpu.demand,
+                src_demand=None if src_demand is None else round(src_demand, 1),
+                dst_demand=round(dst_demand, 1),
+                reason=reason,
             )
         elif first.src == frozenset((dst.number,)):
             del self.moves[vcpu.ref]  # moved back where it started within one plan
@@ -176,13 +179,85 @@ class _Plan:
                 ref=vcpu.ref,
                 src=first.src,
                 dst=dst.number,
-                load=first.load,
-                src_load=first.src_load,
-                dst_load=round(dst_load, 1),
+                demand=first.demand,
+                src_demand=first.src_demand,
+                dst_demand=round(dst_demand, 1),
+                reason=first.reason,
             )
 
     def result(self) -> list[Move]:
         return list(self.moves.values())
+
+
+class Balancer:
+    """Everything the policy remembers across cycles, and the plan made from it.
+
+    It is fed each cycle's measured snapshot (`plan`) and the moves really pinned (`applied`):
+    the steadied readings (`stats.Smoother`) and the cooldown (`COOLDOWN`) live here only.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._smoother = stats.Smoother()
+        self._cycle = 0
+        # The pCPU each moved vCPU left, the cycle it left it in, and whether it was full then.
+        self._left: dict[VcpuRef, list[tuple[int, int, bool]]] = {}
+        self._full: frozenset[int] = frozenset()
+        self._domains: frozenset[str] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+
+    def forget(self) -> None:
+        """Drop the readings: after a reconnect the counters may have moved on without us."""
+        self._smoother.forget()
+
+    def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
+        domains = frozenset(v.ref.domain for v in snapshot.vcpus)
+        if self._domains is not None and domains != self._domains:
+            # A guest that starts or stops changes what the pCPUs hold: the cooldown guards
+            # against reading the same situation twice, and this one is new.
+            self._left.clear()
+        self._domains = domains
+        self._full = frozenset(p for p, u in snapshot.util.items() if u >= SATURATED)
+        # Read per cycle, so that a reloaded min_gain applies here as everywhere else.
+        steadied = self._with_left(self._smoother.update(snapshot, min_jump=self.config.min_gain))
+        moves = decide(steadied, self.config, online)
+        measuring = sum(1 for v in steadied.vcpus if v.settling)
+        return Plan(
+            moves=tuple(moves),
+            held={"measuring": measuring} if measuring else {},
+            pcpu_demand=pcpu_demand(steadied),
+        )
+
+    def applied(self, moves: Sequence[Move]) -> None:
+        for move in moves:
+            if len(move.src) == 1:
+                self._left.setdefault(move.ref, []).extend(
+                    (self._cycle, p, p in self._full) for p in move.src
+                )
+
+    def _with_left(self, snapshot: Snapshot) -> Snapshot:
+        self._cycle += 1
+        recent = self._cycle - COOLDOWN
+        self._left = {
+            ref: kept
+            for ref, left in self._left.items()
+            if (kept := [entry for entry in left if entry[0] > recent])
+        }
+        if not self._left:
+            return snapshot
+        vcpus = []
+        for v in snapshot.vcpus:
+            left = self._left.get(v.ref)
+            if left:
+                v = replace(
+                    v,
+                    left=frozenset(p for _, p, _ in left),
+                    left_full=frozenset(p for _, p, full in left if full),
+                )
+            vcpus.append(v)
+        return replace(snapshot, vcpus=tuple(vcpus))
 
 
 def allowed_pcpus(config: Config, online: Iterable[int]) -> frozenset[int]:
@@ -190,7 +265,7 @@ def allowed_pcpus(config: Config, online: Iterable[int]) -> frozenset[int]:
     return online_set if config.cpus is None else online_set & config.cpus
 
 
-def pcpu_loads(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dict[int, float]:
+def pcpu_demand(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dict[int, float]:
     """Each pCPU's demand, from measured utilization and the vCPUs anchored to it.
 
     What a pCPU's utilization holds beyond the vCPUs pinned to it is host work and unpinned
@@ -203,21 +278,21 @@ def pcpu_loads(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dic
 def _estimates(
     snapshot: Snapshot, movable_floating: Iterable[Vcpu]
 ) -> tuple[dict[int, float], dict[int, float]]:
-    """Each pCPU's demand (see `pcpu_loads`) and its utilization without the vCPUs about to
+    """Each pCPU's demand (see `pcpu_demand`) and its utilization without the vCPUs about to
     be placed (placing puts all of a vCPU's time on one pCPU, which `_Pcpu.add` counts)."""
     anchored_load: dict[int, float] = defaultdict(float)
     anchored_demand: dict[int, float] = defaultdict(float)
     for vcpu in snapshot.vcpus:
         pcpu = vcpu.pcpu
-        if pcpu is not None and pcpu in snapshot.pcpu_load:
-            anchored_load[pcpu] += vcpu.load
+        if pcpu is not None and pcpu in snapshot.util:
+            anchored_load[pcpu] += vcpu.received
             anchored_demand[pcpu] += vcpu.demand
-    rest = {p: max(0.0, u - anchored_load[p]) for p, u in snapshot.pcpu_load.items()}
-    floating = sum(v.load for v in movable_floating)
+    rest = {p: max(0.0, u - anchored_load[p]) for p, u in snapshot.util.items()}
+    floating = sum(v.received for v in movable_floating)
     rest_total = sum(rest.values())
     share = min(1.0, floating / rest_total) if rest_total > 0 else 0.0
     demand = {p: r * (1.0 - share) + anchored_demand[p] for p, r in rest.items()}
-    busy = {p: u - rest[p] * share for p, u in snapshot.pcpu_load.items()}
+    busy = {p: u - rest[p] * share for p, u in snapshot.util.items()}
     return demand, busy
 
 
@@ -248,7 +323,7 @@ def _may_return(vcpu: Vcpu, dst: _Pcpu, partner: Vcpu | None = None) -> bool:
 
 def _short(vcpu: Vcpu) -> bool:
     """Whether its demand is a bound from waiting rather than the time it used."""
-    return vcpu.demand > vcpu.load + SHORT
+    return vcpu.demand > vcpu.received + SHORT
 
 
 def _gain(gap: float, transfer: float) -> float:
@@ -256,10 +331,10 @@ def _gain(gap: float, transfer: float) -> float:
     return gap - abs(gap - 2.0 * transfer)
 
 
-def plan(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None) -> list[Move]:
+def decide(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None) -> list[Move]:
     """The moves that balance `snapshot`; empty when it is balanced enough to leave alone."""
-    online = frozenset(snapshot.pcpu_load) if pcpus is None else pcpus
-    allowed = allowed_pcpus(config, online) & frozenset(snapshot.pcpu_load)
+    online = frozenset(snapshot.util) if pcpus is None else pcpus
+    allowed = allowed_pcpus(config, online) & frozenset(snapshot.util)
     if not allowed:
         return []
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
@@ -302,7 +377,7 @@ def _place(
     # Loads within a point of each other count as equal, so idle vCPUs spread by count
     # instead of following measurement noise.
     def key(p: _Pcpu) -> tuple[int, int, int]:
-        return (round(p.load), p.count, p.number)
+        return (round(p.demand), p.count, p.number)
 
     heap = [(key(p), p.number) for p in targets]
     heapq.heapify(heap)
@@ -317,9 +392,9 @@ def _place(
                 break
         dst = by_number[popped[0][1]]
         src = pcpu.get(vcpu.pcpu) if vcpu.pcpu is not None else None
-        result.add(vcpu, src, dst)
+        result.add(vcpu, src, dst, "place" if src is None else "outside-cpus")
         if src is not None:
-            src.load -= vcpu.demand
+            src.demand -= vcpu.demand
             src.fixed -= 1
             src.shorts -= _short(vcpu)
         dst.add(vcpu)
@@ -329,9 +404,14 @@ def _place(
 
 
 def _move(
-    vcpu: Vcpu, src: _Pcpu, dst: _Pcpu, result: _Plan, loads: tuple[float, float] | None = None
+    vcpu: Vcpu,
+    src: _Pcpu,
+    dst: _Pcpu,
+    result: _Plan,
+    reason: str,
+    demands: tuple[float, float] | None = None,
 ) -> None:
-    result.add(vcpu, src, dst, loads)
+    result.add(vcpu, src, dst, reason, demands)
     src.remove(vcpu)
     dst.add(vcpu)
 
@@ -340,28 +420,30 @@ def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
     half_gain = config.min_gain / 2
     while True:
         highs = sorted(
-            (p for p in targets if p.load > config.high and p.count > 1 and p.vcpus),
-            key=lambda p: (-p.load, p.number),
+            (p for p in targets if p.demand > config.high and p.count > 1 and p.vcpus),
+            key=lambda p: (-p.demand, p.number),
         )
-        lows = sorted((p for p in targets if p.load < config.low), key=lambda p: (p.load, p.number))
+        lows = sorted(
+            (p for p in targets if p.demand < config.low), key=lambda p: (p.demand, p.number)
+        )
         chosen = None
         for src in highs:
             for dst in lows:
-                gap = src.load - dst.load
-                want = config.target - dst.load
+                gap = src.demand - dst.demand
+                want = config.target - dst.demand
                 # Gaining min_gain needs a demand in [min_gain/2, gap - min_gain/2]; one that
                 # also leaves src no lower than dst (at most gap/2) is preferred.
                 vcpu = src.nearest(want, half_gain, gap / 2) or src.nearest(
                     want, math.nextafter(gap / 2, math.inf), gap - half_gain
                 )
-                if vcpu is not None and dst.fits(vcpu.load) and _may_return(vcpu, dst):
+                if vcpu is not None and dst.fits(vcpu.received) and _may_return(vcpu, dst):
                     chosen = (vcpu, src, dst)
                     break
             if chosen:
                 break
         if chosen is None:
             return
-        _move(*chosen, result)
+        _move(*chosen, result, "high")
 
 
 _Step = tuple[float, Vcpu, Vcpu | None]  # gain, the vCPU sent, the one sent back (a swap)
@@ -375,15 +457,16 @@ def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
     # Bounded so a pathological input cannot stall a cycle; each move already lowers the
     # sum of squares by a fixed step, so real inputs end long before this.
     for _ in range(4 * sum(len(p.vcpus) for p in targets) + len(targets)):
-        by_load = sorted(targets, key=lambda p: (p.load, p.number))
+        by_load = sorted(targets, key=lambda p: (p.demand, p.number))
         step = _best_step(by_load, config.min_gain, pairs)
         if step is None:
             return
         src, dst, out, back = step
-        before = (src.load, dst.load)
-        _move(out, src, dst, result, before)
+        before = (src.demand, dst.demand)
+        reason = "refine" if back is None else "swap"
+        _move(out, src, dst, result, reason, before)
         if back is not None:
-            _move(back, dst, src, result, before[::-1])
+            _move(back, dst, src, result, reason, before[::-1])
 
 
 def _best_step(
@@ -402,7 +485,7 @@ def _best_step(
         for dst in by_load:
             # Ascending loads: every later pCPU is closer still, and no step gains more
             # than the gap it narrows.
-            gap = src.load - dst.load
+            gap = src.demand - dst.demand
             if gap < min_gain or (best is not None and best[0] >= min(gap, cap)):
                 break
             versions = (src.version, dst.version)
@@ -426,14 +509,14 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
     the two pCPUs: where two placements are about equally good, noise alone makes either look
     better by twice the error on the gap, and chasing that is how balancers ping-pong.
     """
-    gap = src.load - dst.load
+    gap = src.demand - dst.demand
     need = min_gain + NOISE_SIGMAS * math.sqrt(max(0.0, src.noise2 + dst.noise2))
     if gap < need or dst.shorts or dst.busy >= SATURATED:
         return None  # within the noise, or full: nothing can go there (see `fits`)
     half = need / 2
     best: _Step | None = None
     out = src.nearest(gap / 2, half, gap - half)
-    if out is not None and dst.fits(out.load) and _may_return(out, dst):
+    if out is not None and dst.fits(out.received) and _may_return(out, dst):
         best = (_gain(gap, out.demand), out, None)
     if not dst.vcpus:
         return best
@@ -444,16 +527,16 @@ def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
     if widest <= 0 or _gain(gap, widest) < need_swap:
         return best
     # What a swap can bring in is bounded by the room plus the most it can send back.
-    room = FULL - dst.busy + max(v.load for v in dst.vcpus)
+    room = FULL - dst.busy + max(v.received for v in dst.vcpus)
     for swap_out in src.vcpus:
-        if swap_out.load > room:
+        if swap_out.received > room:
             continue
         back = dst.nearest(
             swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
         )
         if (
             back is None
-            or not dst.fits(swap_out.load, back.load)
+            or not dst.fits(swap_out.received, back.received)
             or not _may_return(swap_out, dst, back)
             or not _may_return(back, src, swap_out)
         ):

@@ -1,4 +1,4 @@
-"""The agent's cycle and the daemon loop around it; it wires the host, the loads and the policy.
+"""The agent's cycle and the daemon loop around it: it wires the host, the readings and the policy.
 
 `Agent.step` is one cycle and knows nothing of time or signals, so the simulator drives the
 very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and shutdown.
@@ -12,44 +12,49 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from vcpusched import __version__, notify, policy, stats
 from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
-from vcpusched.model import SATURATED, HostSample, Move, Snapshot, VcpuRef, format_cpus
+from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
 
 log = logging.getLogger("vcpusched")
 
 
 class Agent:
-    def __init__(self, host: Host, config: Config) -> None:
+    """One cycle of the agent: host -> readings -> the balancer's plan -> pins -> audit."""
+
+    def __init__(self, host: Host, config: Config, balancer: policy.Balancer | None = None) -> None:
         self.host = host
         self.config = config
+        # Injected by the benchmark, which times its plans.
+        self.balancer = balancer or policy.Balancer(config)
         self.last: HostSample | None = None
+        # The last measured snapshot, and the last plan made from it.
         self.snapshot: Snapshot | None = None
+        self.plan: Plan | None = None
         # Each vCPU's affinity when first seen, and the pin we last gave each vCPU we moved:
         # what a restore on exit puts back, and where it has nothing to do.
         self.original: dict[VcpuRef, frozenset[int]] = {}
         self.changed: dict[VcpuRef, frozenset[int]] = {}
         self.balanced: bool | None = None
-        self.smoother = stats.Smoother()
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
-        self.cycle = 0
-        # The pCPU each moved vCPU left, the cycle it left it in, and whether that pCPU was
-        # full then (see policy.COOLDOWN).
-        self.left: dict[VcpuRef, list[tuple[int, int, bool]]] = {}
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
 
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self.balancer.reconfigure(config)
+        self.balanced = None
+
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
         self.last = None
-        self.smoother.forget()
+        self.balancer.forget()
 
     def step(self) -> list[Move]:
         """One cycle: sample, compare with the previous sample, plan, pin. Returns the moves."""
@@ -61,40 +66,17 @@ class Agent:
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
             return []
-        # Read per cycle, so that a reloaded min_gain applies here as everywhere else.
-        snapshot = self._with_left(self.smoother.update(measured, min_jump=self.config.min_gain))
-        self.snapshot = snapshot
-        moves = policy.plan(snapshot, self.config, frozenset(sample.pcpu_busy_ns))
+        self.snapshot = measured
+        self.plan = self.balancer.plan(measured, frozenset(sample.pcpu_busy_ns))
+        moves = list(self.plan.moves)
         if self.config.dry_run:
             self._log_dry_run(moves)
             applied: list[Move] = []
         else:
-            full = frozenset(p for p, u in measured.pcpu_load.items() if u >= SATURATED)
-            applied = self._apply(moves, full)
-        self._log_balance(snapshot, bool(moves))
+            applied = self._apply(moves)
+            self.balancer.applied(applied)
+        self._log_balance(measured, bool(moves))
         return applied
-
-    def _with_left(self, snapshot: Snapshot) -> Snapshot:
-        self.cycle += 1
-        recent = self.cycle - policy.COOLDOWN
-        self.left = {
-            ref: kept
-            for ref, left in self.left.items()
-            if (kept := [entry for entry in left if entry[0] > recent])
-        }
-        if not self.left:
-            return snapshot
-        vcpus = []
-        for v in snapshot.vcpus:
-            left = self.left.get(v.ref)
-            if left:
-                v = replace(
-                    v,
-                    left=frozenset(p for _, p, _ in left),
-                    left_full=frozenset(p for _, p, full in left if full),
-                )
-            vcpus.append(v)
-        return replace(snapshot, vcpus=tuple(vcpus))
 
     def _track_domains(self, sample: HostSample) -> None:
         known = {ref.domain for ref in self.original}
@@ -108,10 +90,6 @@ class Agent:
             )
         for domain in sorted(known - current):
             self._forget(domain)
-        if known != current and self.left:
-            # A guest that starts or stops changes what the pCPUs hold: the cooldown guards
-            # against reading the same situation twice, and this one is new.
-            self.left.clear()
         for ref, counters in sample.vcpus.items():
             self.original.setdefault(ref, counters.affinity)
 
@@ -125,8 +103,8 @@ class Agent:
             del self.original[ref]
             self.changed.pop(ref, None)
 
-    def _apply(self, moves: list[Move], full: frozenset[int] = frozenset()) -> list[Move]:
-        """Pin each move; `full` are the pCPUs measured full this cycle."""
+    def _apply(self, moves: list[Move]) -> list[Move]:
+        """Pin each move; returns those that were pinned."""
         applied = []
         for move in moves:
             try:
@@ -147,10 +125,6 @@ class Agent:
                 continue
             self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
-            if len(move.src) == 1:
-                self.left.setdefault(move.ref, []).extend(
-                    (self.cycle, p, p in full) for p in move.src
-                )
             applied.append(move)
             log.info(_move_line(move))
         return applied
@@ -172,14 +146,14 @@ class Agent:
         if self.balanced:
             return
         self.balanced = True
-        allowed = policy.allowed_pcpus(self.config, snapshot.pcpu_load)
-        loads = [snapshot.pcpu_load[p] for p in sorted(allowed)]
+        allowed = policy.allowed_pcpus(self.config, snapshot.util)
+        util = [snapshot.util[p] for p in sorted(allowed)]
         log.info(
             event(
                 "balanced",
                 pcpus=format_cpus(allowed),
-                sd=statistics.pstdev(loads) if loads else 0.0,
-                loads="/".join(f"{u:.0f}" for u in loads),
+                sd=statistics.pstdev(util) if util else 0.0,
+                util="/".join(f"{u:.0f}" for u in util),
             )
         )
 
@@ -206,11 +180,12 @@ def _move_line(move: Move, dry_run: bool = False) -> str:
         "vcpu": move.ref.vcpu,
         "from": format_cpus(move.src),
         "to": move.dst,
-        "vcpu_load": move.load,
+        "demand": move.demand,
     }
-    if move.src_load is not None:
-        fields["from_load"] = move.src_load
-    fields["to_load"] = move.dst_load
+    if move.src_demand is not None:
+        fields["from_demand"] = move.src_demand
+    fields["to_demand"] = move.dst_demand
+    fields["reason"] = move.reason or None
     if dry_run:
         fields["dry_run"] = 1
     return event(move.kind, **fields)
@@ -375,8 +350,7 @@ class Runner:
                 agent.original, agent.changed = self.agent.original, self.agent.changed
                 self.agent = agent
             else:
-                self.agent.config = new
-                self.agent.balanced = None
+                self.agent.reconfigure(new)
         finally:
             notify.ready()
 

@@ -1,4 +1,4 @@
-"""Loads from two host samples: pure arithmetic, no I/O."""
+"""Readings from two host samples, and their smoothing: pure arithmetic, no I/O."""
 
 from __future__ import annotations
 
@@ -37,16 +37,16 @@ def snapshot(
     after: HostSample,
     excluded: Callable[[str], bool] = lambda domain: False,
 ) -> Snapshot | None:
-    """Loads over the interval between two samples, or None if the interval is unusable.
+    """Readings over the interval between two samples, or None if the interval is unusable.
 
-    A vCPU present only in `after` (a domain that just started) has no load yet and is left out
+    A vCPU present only in `after` (a domain that just started) has no reading yet and is left out
     until the next interval; so is one whose counter went backwards (its domain restarted).
     """
     elapsed = after.clock - before.clock
     if elapsed <= 0:
         log.warning("interval of %.3f s between samples; skipping this cycle", elapsed)
         return None
-    pcpu_load = {
+    util = {
         pcpu: _percent(busy - before.pcpu_busy_ns[pcpu], elapsed)
         for pcpu, busy in after.pcpu_busy_ns.items()
         if pcpu in before.pcpu_busy_ns
@@ -56,24 +56,24 @@ def snapshot(
         then = before.vcpus.get(ref)
         if then is None or now.time_ns < then.time_ns:
             continue
-        load = _percent(now.time_ns - then.time_ns, elapsed)
-        demand = load
+        received = _percent(now.time_ns - then.time_ns, elapsed)
+        demand = received
         if now.wait_ns is not None and then.wait_ns is not None:
-            demand = _demand(load, _percent(now.wait_ns - then.wait_ns, elapsed))
+            demand = _demand(received, _percent(now.wait_ns - then.wait_ns, elapsed))
         vcpus.append(
             Vcpu(
                 ref=ref,
-                load=load,
+                received=received,
                 demand=demand,
                 affinity=now.affinity,
                 excluded=excluded(ref.domain),
             )
         )
     vcpus.sort(key=lambda v: v.ref)
-    return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus))
+    return Snapshot(util=util, vcpus=tuple(vcpus))
 
 
-def _demand(load: float, wait: float) -> float:
+def _demand(received: float, wait: float) -> float:
     """What a vCPU would have used with a pCPU of its own, from the time it ran and waited.
 
     The wait alone does not tell: a vCPU sharing a pCPU waits while the others run even when
@@ -83,9 +83,9 @@ def _demand(load: float, wait: float) -> float:
     to all the time it was runnable. Between the two the wait counts in proportion, so that
     the estimate has no step for noise to flip across.
     """
-    sleep = max(0.0, 100.0 - load - wait)
+    sleep = max(0.0, 100.0 - received - wait)
     starved = max(0.0, 1.0 - sleep / SATISFIED_SLEEP)
-    return min(100.0, load + wait * starved)
+    return min(100.0, received + wait * starved)
 
 
 class Smoother:
@@ -139,9 +139,9 @@ class Smoother:
             floating = vcpu.pcpu is None
             if prior is not None and floating and prior.affinity != vcpu.affinity:
                 prior = None  # began to float just now: what came before says nothing
-            short = vcpu.demand > vcpu.load + SHORT
+            short = vcpu.demand > vcpu.received + SHORT
             if prior is None:
-                now = _State(vcpu.load, vcpu.demand, [vcpu.demand], vcpu.affinity, short)
+                now = _State(vcpu.received, vcpu.demand, [vcpu.demand], vcpu.affinity, short)
             else:
                 load, demand, history = prior.load, prior.demand, prior.history
                 noise = prior.noise()
@@ -149,8 +149,8 @@ class Smoother:
                 carried = prior.carried
                 # The received load jumps on its own when a move ends contention: follow it
                 # at once too, or the pCPU it left would look busier than it is.
-                if abs(vcpu.demand - demand) > jump or abs(vcpu.load - load) > jump:
-                    load, demand = vcpu.load, vcpu.demand
+                if abs(vcpu.demand - demand) > jump or abs(vcpu.received - load) > jump:
+                    load, demand = vcpu.received, vcpu.demand
                     averaged = 0
                     if not floating:
                         # A new level: steps across the jump are not noise (counted as such,
@@ -158,7 +158,7 @@ class Smoother:
                         # so the noise known before it stands until new steps replace it.
                         history, carried = [], noise
                 else:
-                    load += self.ALPHA * (vcpu.load - load)
+                    load += self.ALPHA * (vcpu.received - load)
                     demand += self.ALPHA * (vcpu.demand - demand)
                     averaged = prior.averaged + 1
                 history = [*history[-(self.HISTORY - 1) :], vcpu.demand]
@@ -176,14 +176,14 @@ class Smoother:
             state[vcpu.ref] = now
             pcpu = vcpu.pcpu
             if pcpu is not None:
-                shift[pcpu] += now.load - vcpu.load
+                shift[pcpu] += now.load - vcpu.received
                 if now.seen < self.PRIOR_SAMPLES:
                     unknown.add(pcpu)
             demand = statistics.fmean(now.history) if floating else now.demand
             vcpus.append(
                 replace(
                     vcpu,
-                    load=now.load,
+                    received=now.load,
                     demand=demand,
                     noise=noise,
                     settling=floating and now.short and len(now.history) < PLACE_SAMPLES,
@@ -192,9 +192,9 @@ class Smoother:
         self._state = state
         # What a pCPU holds beyond its pinned vCPUs (host work) stays as measured; only the
         # vCPUs' part of its utilization is replaced by their steadied loads.
-        pcpu_load = {p: min(100.0, max(0.0, u + shift[p])) for p, u in snapshot.pcpu_load.items()}
-        pcpu_noise = {p: self.PRIOR_NOISE for p in unknown if p in pcpu_load}
-        return Snapshot(pcpu_load=pcpu_load, vcpus=tuple(vcpus), pcpu_noise=pcpu_noise)
+        util = {p: min(100.0, max(0.0, u + shift[p])) for p, u in snapshot.util.items()}
+        pcpu_noise = {p: self.PRIOR_NOISE for p in unknown if p in util}
+        return Snapshot(util=util, vcpus=tuple(vcpus), pcpu_noise=pcpu_noise)
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from vcpusched.model import Snapshot, Vcpu, VcpuRef
-from vcpusched.sim import fair_shares
+from vcpusched_sim.host import fair_shares
 
 
 def vcpu(
@@ -26,7 +26,7 @@ def vcpu(
         affinity = frozenset((pcpu,))
     return Vcpu(
         ref=VcpuRef(name, index),
-        load=load,
+        received=load,
         demand=load if demand is None else demand,
         affinity=affinity,
         excluded=excluded,
@@ -49,13 +49,13 @@ def snapshot(
             members = [i for i, v in enumerate(out) if v.pcpu == p]
             shares = fair_shares([out[i].demand for i in members], 100.0 - util[p])
             for i, share in zip(members, shares, strict=True):
-                out[i] = replace(out[i], load=share)
+                out[i] = replace(out[i], received=share)
     for v in out:
         for p in v.affinity:
             if p in util:
-                util[p] += v.load / len(v.affinity)
+                util[p] += v.received / len(v.affinity)
     return Snapshot(
-        pcpu_load={p: min(100.0, u) if cap else u for p, u in util.items()}, vcpus=tuple(out)
+        util={p: min(100.0, u) if cap else u for p, u in util.items()}, vcpus=tuple(out)
     )
 
 
@@ -64,7 +64,7 @@ def apply(snap: Snapshot, moves: list) -> dict[int, float]:
     where = {v.ref: v.pcpu for v in snap.vcpus}
     for m in moves:
         where[m.ref] = m.dst
-    demand: dict[int, float] = {p: 0.0 for p in snap.pcpu_load}
+    demand: dict[int, float] = {p: 0.0 for p in snap.util}
     for v in snap.vcpus:
         p = where[v.ref]
         if p is not None:

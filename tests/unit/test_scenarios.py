@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vcpusched import bench
-from vcpusched.baselines import (
+from vcpusched.model import VcpuRef
+from vcpusched.stats import PLACE_SAMPLES
+from vcpusched_sim import bench
+from vcpusched_sim.baselines import (
     best_partition,
     lpt,
     min_moves,
@@ -21,10 +23,8 @@ from vcpusched.baselines import (
     sumsq,
     totals_of,
 )
-from vcpusched.bench import OURS, ScenarioRun, bench_scenario
-from vcpusched.model import VcpuRef
-from vcpusched.scenarios import SCENARIOS, Scenario
-from vcpusched.stats import PLACE_SAMPLES
+from vcpusched_sim.bench import OURS, ScenarioRun, bench_scenario
+from vcpusched_sim.scenarios import SCENARIOS, Scenario
 
 CLASSIC = sorted(name for name, s in SCENARIOS.items() if s.classic)
 
@@ -174,7 +174,7 @@ def test_restricted_cpus_are_the_only_ones_used() -> None:
     assert set(where) == {2, 3, 4, 5, 6, 7}
     assert {len(refs) for refs in where.values()} == {2}
     # pCPUs 0 and 1 end idle: nothing of the guests runs there any more.
-    assert run.traces[OURS].load[-1] == pytest.approx([80.0] * 6)
+    assert run.traces[OURS].util[-1] == pytest.approx([80.0] * 6)
 
 
 def test_large_host_is_balanced_like_the_greedy_bound() -> None:
@@ -197,9 +197,9 @@ def test_a_run_is_deterministic_for_its_seed() -> None:
     scenario = SCENARIOS["noise"].resized(40)
     first = bench.run(scenario, OURS)
     again = bench.run(scenario, OURS)
-    assert (first.moves, first.load) == (again.moves, again.load)
+    assert (first.moves, first.util) == (again.moves, again.util)
     other = bench.run(dataclasses.replace(scenario, seed=99), OURS)
-    assert other.load != first.load
+    assert other.util != first.util
 
 
 # -- baselines ------------------------------------------------------------------------------

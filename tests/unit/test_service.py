@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -11,8 +12,8 @@ from vcpusched.config import Config
 from vcpusched.host import DomainGone
 from vcpusched.model import HostSample, VcpuRef
 from vcpusched.service import Agent
-from vcpusched.sim import DomainSpec, SimHost, constant
-from vcpusched.sim import phased as sim_phased
+from vcpusched_sim.host import DomainSpec, SimHost, constant
+from vcpusched_sim.host import phased as sim_phased
 
 ALL = frozenset({0, 1})
 
@@ -115,35 +116,51 @@ def test_a_reloaded_min_gain_reaches_the_smoothing() -> None:
     host = SimHost(2, [DomainSpec("vm0", (sim_phased((0.0, 40.0), (5.0, 50.0)),), (ALL,))])
     agent = Agent(host, Config())
     _run(agent, host, 4)
-    agent.config = Config(min_gain=20.0)
+    agent.reconfigure(Config(min_gain=20.0))
     _run(agent, host, 3)  # the last cycle measures the first second at 50
     assert agent.snapshot is not None
-    assert 42 < agent.snapshot.vcpus[0].demand < 46
+    assert agent.plan is not None
+    (vm0,) = agent.snapshot.vcpus
+    assert vm0.demand == pytest.approx(50)  # measured
+    assert vm0.pcpu is not None
+    assert 42 < agent.plan.pcpu_demand[vm0.pcpu] < 46  # what the policy believes
 
 
-def test_moved_vcpus_carry_the_pcpu_they_left_for_the_cooldown() -> None:
+def test_moved_vcpus_are_held_by_the_balancers_cooldown() -> None:
     host = _host(40, 40, 40, 40, pin=frozenset({0}))
     agent = Agent(host, Config())
     _run(agent, host, 2)  # the first cycle only samples; the second moves two vCPUs off 0
     moved = sorted(agent.changed)
     assert len(moved) == 2
-    _run(agent, host, 1)
-    assert agent.snapshot is not None
-    left = {v.ref: (v.left, v.left_full) for v in agent.snapshot.vcpus}
     # Four 40s fill pCPU0: the moves off it were made from a full pCPU.
-    assert all(left[ref] == (frozenset({0}), frozenset({0})) for ref in moved)
-    _run(agent, host, policy.COOLDOWN)
-    assert agent.snapshot is not None
-    assert all(not v.left for v in agent.snapshot.vcpus)
+    left = agent.balancer._left
+    assert all([(p, full) for _, p, full in left[ref]] == [(0, True)] for ref in moved)
+    _run(agent, host, policy.COOLDOWN + 1)
+    assert not agent.balancer._left
 
 
 def test_a_guest_starting_or_stopping_ends_every_cooldown() -> None:
     host = _host(40, 40, 40, 40, pin=frozenset({0}), stop=5.0)
     agent = Agent(host, Config())
     _run(agent, host, 3)
-    assert agent.left, "the first moves start cooldowns"
+    assert agent.balancer._left, "the first moves start cooldowns"
     _run(agent, host, 4)  # vm0 stops at 5 s
     assert "vm0" not in {ref.domain for ref in agent.original}
-    assert agent.snapshot is not None
-    assert not agent.left
-    assert all(not v.left for v in agent.snapshot.vcpus)
+    assert not agent.balancer._left
+
+
+def test_audit_lines_name_demands_and_the_reason(caplog: pytest.LogCaptureFixture) -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 6)
+    messages = [r.getMessage() for r in caplog.records]
+    moves = [m for m in messages if m.startswith("move ")]
+    assert moves
+    pattern = (
+        r"move domain=vm\d vcpu=0 from=0 to=1 demand=\d+\.\d from_demand=\d+\.\d"
+        r" to_demand=\d+\.\d reason=\w+"
+    )
+    assert all(re.fullmatch(pattern, m) for m in moves), moves
+    (balanced,) = [m for m in messages if m.startswith("balanced ")]
+    assert re.fullmatch(r"balanced pcpus=0-1 sd=\d+\.\d util=\d+/\d+", balanced)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from vcpusched.host import DomainGone, PinError
 from vcpusched.model import VcpuRef
-from vcpusched.sim import (
+from vcpusched_sim.host import (
     NS,
     DomainSpec,
     SimHost,
@@ -163,7 +163,7 @@ def test_tick_accumulates_time_wait_and_busy_counters() -> None:
     assert (b.time_ns, b.wait_ns) == (NS // 2, NS // 2)
     assert (c.time_ns, c.wait_ns) == (3 * NS // 10, 0)
     assert after.pcpu_busy_ns == {0: NS, 1: 3 * NS // 10}
-    assert stats.pcpu_load == pytest.approx({0: 100, 1: 30})
+    assert stats.util == pytest.approx({0: 100, 1: 30})
     assert stats.demanded == pytest.approx(1.9)
     assert stats.received == pytest.approx(1.3)
 

@@ -7,7 +7,7 @@ import tracemalloc
 
 from vcpusched.config import Config
 from vcpusched.service import Agent
-from vcpusched.sim import DomainSpec, SimHost, constant
+from vcpusched_sim.host import DomainSpec, SimHost, constant
 
 CYCLES = 10_000
 WARM_UP = 1_000

@@ -31,10 +31,10 @@ def test_loads_over_the_interval() -> None:
     )
     snap = snapshot(before, after)
     assert snap is not None
-    assert snap.pcpu_load == {0: pytest.approx(50.0), 1: pytest.approx(100.0)}
+    assert snap.util == {0: pytest.approx(50.0), 1: pytest.approx(100.0)}
     a, b = snap.vcpus
-    assert (a.load, a.demand) == (pytest.approx(50.0), pytest.approx(100.0))
-    assert (b.load, b.demand) == (pytest.approx(20.0), pytest.approx(20.0))
+    assert (a.received, a.demand) == (pytest.approx(50.0), pytest.approx(100.0))
+    assert (b.received, b.demand) == (pytest.approx(20.0), pytest.approx(20.0))
 
 
 def test_new_and_restarted_vcpus_wait_a_cycle() -> None:
@@ -50,8 +50,8 @@ def test_counters_out_of_range_are_clamped() -> None:
     after = sample(1.0, {0: 0}, {A: (3_000_000_000, 0)})
     snap = snapshot(before, after)
     assert snap is not None
-    assert snap.pcpu_load[0] == 0.0
-    assert snap.vcpus[0].load == 100.0
+    assert snap.util[0] == 0.0
+    assert snap.vcpus[0].received == 100.0
 
 
 def test_clock_not_advancing_skips() -> None:
@@ -74,7 +74,7 @@ def _snap(loads: dict[str, float], pins: dict[str, int]) -> Snapshot:
     util: dict[int, float] = {0: 0.0, 1: 0.0}
     for n, load in loads.items():
         util[pins[n]] += load
-    return Snapshot(pcpu_load=util, vcpus=vcpus)
+    return Snapshot(util=util, vcpus=vcpus)
 
 
 def test_smoother_estimates_noise_and_steadies_loads() -> None:
@@ -91,7 +91,7 @@ def test_smoother_estimates_noise_and_steadies_loads() -> None:
     # The noise estimate is of the steadied value: sigma 2 shrunk by sqrt(0.3 / 1.7).
     assert vcpu.noise == pytest.approx(2 * Smoother.SHRINK, rel=0.5)
     assert abs(vcpu.demand - 40) < 3
-    assert out.pcpu_load[0] == pytest.approx(vcpu.load)
+    assert out.util[0] == pytest.approx(vcpu.received)
 
 
 def test_smoother_follows_a_real_change_at_once() -> None:
@@ -100,20 +100,20 @@ def test_smoother_follows_a_real_change_at_once() -> None:
         smoother.update(_snap({"a": 40 + (i % 2)}, {"a": 0}), min_jump=5.0)
     out = smoother.update(_snap({"a": 90}, {"a": 0}), min_jump=5.0)
     assert out.vcpus[0].demand == 90
-    assert out.pcpu_load[0] == 90
+    assert out.util[0] == 90
 
 
 def test_smoother_keeps_host_work_as_measured() -> None:
     smoother = Smoother()
     snap = _snap({"a": 30}, {"a": 0})
-    with_host = Snapshot(pcpu_load={0: 50.0, 1: 0.0}, vcpus=snap.vcpus)
+    with_host = Snapshot(util={0: 50.0, 1: 0.0}, vcpus=snap.vcpus)
     smoother.update(with_host, min_jump=5.0)
     out = smoother.update(
-        Snapshot(pcpu_load={0: 51.0, 1: 0.0}, vcpus=_snap({"a": 31}, {"a": 0}).vcpus),
+        Snapshot(util={0: 51.0, 1: 0.0}, vcpus=_snap({"a": 31}, {"a": 0}).vcpus),
         min_jump=5.0,
     )
     # 20 points of host work stay; the vCPU's part is the steadied 30.3.
-    assert out.pcpu_load[0] == pytest.approx(51 - 31 + 30.3)
+    assert out.util[0] == pytest.approx(51 - 31 + 30.3)
 
 
 def test_wait_counts_as_demand_as_far_as_the_vcpu_never_idled() -> None:
@@ -139,7 +139,7 @@ def test_wait_counts_as_demand_as_far_as_the_vcpu_never_idled() -> None:
 def _floating(demands: dict[str, float], affinity: frozenset[int] = frozenset({0, 1})) -> Snapshot:
     # Each received half a pCPU; the demand beyond that is what it waited.
     vcpus = tuple(Vcpu(VcpuRef(n, 0), 50.0, d, affinity) for n, d in demands.items())
-    return Snapshot(pcpu_load={0: 100.0, 1: 100.0}, vcpus=vcpus)
+    return Snapshot(util={0: 100.0, 1: 100.0}, vcpus=vcpus)
 
 
 def test_a_floating_vcpu_short_of_time_settles_on_the_mean_of_its_demands() -> None:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from vcpusched.host import DomainGone, Host
 from vcpusched.model import HostSample, VcpuRef
-from vcpusched.sim import SimHost
+from vcpusched_sim.host import SimHost
 
 # Demand totals are sums of floats; two placements this close are equally good.
 EPS = 1e-6

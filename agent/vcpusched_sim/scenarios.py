@@ -11,8 +11,8 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from vcpusched.baselines import Scope
-from vcpusched.sim import DomainSpec, Load, SimHost, constant, phased
+from vcpusched_sim.baselines import Scope
+from vcpusched_sim.host import DomainSpec, Load, SimHost, constant, phased
 
 CYCLES = 300
 

@@ -217,8 +217,8 @@ class TickStats:
 
     seconds: float = 0.0
     # Measured busy % per pCPU, and what it would have been with noise-free demands.
-    pcpu_load: dict[int, float] = field(default_factory=dict)
-    nominal_pcpu_load: dict[int, float] = field(default_factory=dict)
+    util: dict[int, float] = field(default_factory=dict)
+    nominal_util: dict[int, float] = field(default_factory=dict)
     # CPU time in pCPU-seconds (100% for 1 s = 1.0), summed over all vCPUs.
     demanded: float = 0.0
     received: float = 0.0
@@ -329,8 +329,8 @@ class SimHost:
                 busy[p] += pcpu_busy[p] * span
                 nominal[p] += pcpu_nominal[p] * span
             self.now = cut
-        stats.pcpu_load = {p: busy[p] / seconds for p in self.pcpus}
-        stats.nominal_pcpu_load = {p: nominal[p] / seconds for p in self.pcpus}
+        stats.util = {p: busy[p] / seconds for p in self.pcpus}
+        stats.nominal_util = {p: nominal[p] / seconds for p in self.pcpus}
         self.last = stats
         return stats
 

@@ -8,17 +8,18 @@ with the default configuration or the one given by --config; only the host is si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from vcpusched import policy
-from vcpusched.baselines import (
+from vcpusched.config import Config, ConfigError, load_config, override
+from vcpusched.model import Move, Plan, Snapshot, VcpuRef, format_cpus
+from vcpusched.service import Agent
+from vcpusched_sim.baselines import (
     BASELINES,
     EXACT_VCPUS,
     Controller,
@@ -26,11 +27,8 @@ from vcpusched.baselines import (
     pins_to_level,
     plan_optimum,
 )
-from vcpusched.config import Config, ConfigError, load_config, override
-from vcpusched.model import Move, VcpuRef, format_cpus
-from vcpusched.scenarios import SCENARIOS, Scenario
-from vcpusched.service import Agent
-from vcpusched.sim import DomainSpec, SimHost
+from vcpusched_sim.host import DomainSpec, SimHost
+from vcpusched_sim.scenarios import SCENARIOS, Scenario
 
 OURS = "vcpusched"
 POLICIES = (OURS, "static", "no-pin", "greedy", "optimum")
@@ -48,28 +46,20 @@ CONVERGE_CYCLES = 2
 # -- running -------------------------------------------------------------------------------
 
 
-class _PlanTimer:
-    """Wraps `policy.plan` (which the agent calls through the module) to time each call."""
+class _TimedBalancer(policy.Balancer):
+    """The agent's own balancer, handed to it with a clock that times each plan."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.process_time) -> None:
+        super().__init__(config)
+        self.clock = clock
         self.spent = 0.0
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        original = policy.plan
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.spent += time.process_time() - start
-
-        policy.plan = timed
+    def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
+        start = self.clock()
         try:
-            yield
+            return super().plan(snapshot, online)
         finally:
-            policy.plan = original
+            self.spent += self.clock() - start
 
 
 class _AgentController:
@@ -81,7 +71,8 @@ class _AgentController:
         config = override(
             config, interval=scenario.interval, exclude=scenario.exclude, cpus=scenario.cpus
         )
-        self.agent = Agent(host, config)
+        self.balancer = _TimedBalancer(config)
+        self.agent = Agent(host, config, self.balancer)
         self.moves: list[Move] = []
 
     def step(self) -> None:
@@ -90,8 +81,8 @@ class _AgentController:
     @property
     def pending(self) -> int:
         """vCPUs the agent is still measuring before it places them."""
-        snapshot = self.agent.snapshot
-        return 0 if snapshot is None else sum(v.settling for v in snapshot.vcpus)
+        plan = self.agent.plan
+        return 0 if plan is None else plan.held.get("measuring", 0)
 
 
 def _controller(name: str, host: SimHost, scenario: Scenario, config: Config) -> Controller:
@@ -109,7 +100,7 @@ class Trace:
     scenario: Scenario
     policy: str
     # Per interval 1..N (index 0 unused): measured and noise-free busy % of each managed pCPU.
-    load: list[list[float]] = field(default_factory=lambda: [[]])
+    util: list[list[float]] = field(default_factory=lambda: [[]])
     nominal: list[list[float]] = field(default_factory=lambda: [[]])
     # Per cycle 0..N: pin changes made at the end of it, and the time it took.
     moves: list[int] = field(default_factory=list)
@@ -142,32 +133,30 @@ def boundaries(scenario: Scenario) -> list[int]:
 def run(scenario: Scenario, policy_name: str, config: Config | None = None) -> Trace:
     host = scenario.host()
     controller = _controller(policy_name, host, scenario, config or Config())
-    timer = _PlanTimer()
+    ours = controller if isinstance(controller, _AgentController) else None
     trace = Trace(scenario, policy_name)
     pcpus = scenario.managed_pcpus
     starts = set(boundaries(scenario))
-    with timer.installed():
-        for cycle in range(scenario.cycles + 1):
-            if cycle:
-                stats = host.tick(scenario.interval)
-                trace.load.append([stats.pcpu_load[p] for p in pcpus])
-                trace.nominal.append([stats.nominal_pcpu_load[p] for p in pcpus])
-                trace.demanded += stats.demanded
-                trace.received += stats.received
-            pins = host.pin_changes
-            timer.spent = 0.0
-            start = time.process_time()
-            controller.step()
-            trace.cpu.append(time.process_time() - start)
-            trace.decide.append(timer.spent)
-            trace.moves.append(host.pin_changes - pins)
-            trace.pending.append(
-                controller.pending if isinstance(controller, _AgentController) else 0
-            )
-            if isinstance(controller, _AgentController):
-                trace.log.extend((cycle, move) for move in controller.moves)
-            if policy_name == OURS and cycle in starts:
-                trace.minimum[cycle] = plan_optimum(host, scenario.scope()).moves
+    for cycle in range(scenario.cycles + 1):
+        if cycle:
+            stats = host.tick(scenario.interval)
+            trace.util.append([stats.util[p] for p in pcpus])
+            trace.nominal.append([stats.nominal_util[p] for p in pcpus])
+            trace.demanded += stats.demanded
+            trace.received += stats.received
+        pins = host.pin_changes
+        if ours is not None:
+            ours.balancer.spent = 0.0
+        start = time.process_time()
+        controller.step()
+        trace.cpu.append(time.process_time() - start)
+        trace.decide.append(0.0 if ours is None else ours.balancer.spent)
+        trace.moves.append(host.pin_changes - pins)
+        trace.pending.append(0 if ours is None else ours.pending)
+        if ours is not None:
+            trace.log.extend((cycle, move) for move in ours.moves)
+        if policy_name == OURS and cycle in starts:
+            trace.minimum[cycle] = plan_optimum(host, scenario.scope()).moves
     if isinstance(controller, Optimum):
         trace.exact = controller.exact
     trace.final = {ref: host.affinity(ref) for ref in host.running()}
@@ -288,9 +277,9 @@ def evaluate(trace: Trace, optimum: Trace, minimum: dict[int, int | None]) -> Re
             )
         )
         steady.extend(range(first + (last - first + 1) // 2, last + 1))
-    sds = [_sd(trace.load[s]) for s in steady]
-    means = [statistics.fmean(trace.load[s]) for s in steady]
-    spreads = [max(trace.load[s]) - min(trace.load[s]) for s in steady]
+    sds = [_sd(trace.util[s]) for s in steady]
+    means = [statistics.fmean(trace.util[s]) for s in steady]
+    spreads = [max(trace.util[s]) - min(trace.util[s]) for s in steady]
     sd = statistics.fmean(sds)
     mean = statistics.fmean(means)
     unmet = 100.0 * (trace.demanded - trace.received) / trace.demanded if trace.demanded else 0.0
@@ -505,7 +494,7 @@ def plot(run: ScenarioRun, path: Path) -> None:
     colors = [f"C{i}" for i in range(10)]
     for ax, name in zip(axes[0], names, strict=True):
         trace = run.traces[name]
-        rows = trace.load[1 : window + 1]
+        rows = trace.util[1 : window + 1]
         if len(pcpus) <= 10:
             for i, p in enumerate(pcpus):
                 ax.plot(x, [r[i] for r in rows], linewidth=1.1, color=colors[i], label=f"pCPU {p}")
@@ -542,13 +531,14 @@ def plot(run: ScenarioRun, path: Path) -> None:
 DOC_HEAD = """\
 # Benchmark
 
-Generated by `vcpusched bench` (also `make bench`, or `python -m vcpusched.bench`); do not edit
+Generated by `vcpusched bench` (also `make bench`, or `python -m vcpusched_sim`); do not edit
 by hand, re-run it.
 
 The agent's own cycle (`vcpusched.service.Agent`, thresholds {low:g}/{target:g}/{high:g},
-`min_gain` {min_gain:g}) runs against a simulated host (`vcpusched.sim`), so the scheduler can be
-judged at scales no test machine can host as real guests. Each scenario runs once per policy on
-its own simulated host with the same seed: every policy sees the same demands and the same noise.
+`min_gain` {min_gain:g}) runs against a simulated host (`vcpusched_sim.host`), so the scheduler
+can be judged at scales no test machine can host as real guests. Each scenario runs once per
+policy on its own simulated host with the same seed: every policy sees the same demands and the
+same noise.
 
 ## Running it
 
@@ -610,7 +600,7 @@ are managed and measured.
   as one). For `vcpusched`, in brackets: the fewest pin changes that reach the optimum's balance
   from the placement the agent had at each epoch's start (searched exactly; blank when too big).
 - **pins after**: pin changes after convergence, to the end of each epoch.
-- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in `policy.plan`, and in
+- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in `Balancer.plan`, and in
   the whole cycle (`Agent.step` for the agent: sampling the simulated host, load arithmetic,
   plan, pins, log lines). Process CPU time, so other work on the machine inflates it little.
 
@@ -691,10 +681,10 @@ def _late_moves(run: ScenarioRun) -> list[str]:
         epoch = next(e for e in reversed(result.epochs) if e.first - 1 <= cycle)
         if epoch.converged is None or cycle < epoch.converged:
             continue
-        loads = "/".join(f"{v:.1f}" for v in trace.load[cycle])
+        loads = "/".join(f"{v:.1f}" for v in trace.util[cycle])
         out.append(
             f"cycle {cycle}: {move.kind} {move.ref} {format_cpus(move.src)}->{move.dst}"
-            f" demand {move.load:.1f} (pCPU loads measured {loads})"
+            f" demand {move.demand:.1f} (pCPU util measured {loads})"
         )
     return out
 

@@ -1,0 +1,3 @@
+from vcpusched_sim.bench import main
+
+raise SystemExit(main())
