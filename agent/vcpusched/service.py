@@ -6,16 +6,28 @@ very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import json
 import logging
+import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vcpusched import __version__, notify, policy, stats
-from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
+from vcpusched.config import (
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load_config,
+    online_problem,
+    override,
+)
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
@@ -208,6 +220,29 @@ class Signals:
         self.wake.set()
 
 
+@dataclass(frozen=True)
+class ReloadVerdict:
+    """What became of the last SIGHUP: `at` is wall-clock time, `generation` the config's
+    generation after it (unchanged when rejected)."""
+
+    at: float
+    accepted: bool
+    error: str | None
+    generation: int
+
+
+# Beside the pidfile: what `vcpusched reload` waits for (see cli.reload).
+VERDICT_FILE = "reload-verdict.json"
+
+
+class StartError(Exception):
+    """The agent cannot start: libvirt unreachable, or a config this host cannot run."""
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
 class Runner:
     """The daemon loop: a cycle every interval, reconnecting and reloading as needed."""
 
@@ -230,8 +265,52 @@ class Runner:
         self._down_logged = 0.0
         self._failures = 0
         self._connected = False
+        # 1 at start, +1 per accepted reload.
+        self.generation = 1
+        self.last_reload: ReloadVerdict | None = None
+        self._reloads = 0
+        self._reload_started = 0.0
+        self._started = False
+        self._no_pcpus = False
+        self._watchdog = notify.watchdog_period()
+        self._pinged = 0.0
 
-    def run(self, once: bool = False) -> int:
+    def start(self) -> None:
+        """Log the start and take the first sample; raise StartError if this cannot run.
+
+        Done before READY=1, so that systemd (and the exit code) hear about an unreachable
+        libvirt or a `cpus` set that selects no online pCPU, rather than a log line later.
+        """
+        self._log_start()
+        try:
+            self.agent.step()
+        except HostError as exc:
+            raise StartError(str(exc), unreachable=True) from None
+        online = self._online()
+        problem = online_problem(self.config, online)
+        if problem is not None:
+            source = f"{self.config_path}: " if self.config_path else ""
+            raise StartError(source + problem, unreachable=False)
+        self._connected = True
+        log.info(event("connected", uri=self.config.uri, pcpus=format_cpus(online)))
+        self._started = True
+        self.write_verdict()
+
+    def _online(self) -> frozenset[int]:
+        last = self.agent.last
+        return frozenset(last.pcpu_busy_ns) if last is not None else frozenset()
+
+    def _ping(self, force: bool = False) -> None:
+        # Only from the loop itself: a hung libvirt call stops the pings, and systemd
+        # restarts the agent. A thread pinging beside it would hide the hang.
+        if self._watchdog is None:
+            return
+        now = time.monotonic()
+        if force or now - self._pinged >= self._watchdog * 0.9:
+            self._pinged = now
+            notify.watchdog()
+
+    def _log_start(self) -> None:
         cfg = self.config
         log.info(
             event(
@@ -246,28 +325,41 @@ class Runner:
                 dry_run=int(cfg.dry_run),
             )
         )
-        cycles = 0
+
+    def run(self, once: bool = False) -> int:
+        """Cycle until stopped; `start()` first, or this starts without its checks."""
+        if not self._started:
+            self._log_start()
+            self.write_verdict()
+        cycles = 1 if self._started else 0
         next_tick = time.monotonic()
+        if self._started:
+            next_tick += self._delay()
         try:
             while self.signals.stop_signal is None:
+                self._ping(force=True)
                 if self.signals.reload:
                     self.signals.reload = False
                     self.reload()
-                if self._cycle():
-                    cycles += 1
-                elif once:
-                    return 1
-                if once and cycles >= 2:
-                    break
-                next_tick = max(next_tick + self._delay(), time.monotonic())
+                elif next_tick <= time.monotonic():
+                    if self._cycle():
+                        cycles += 1
+                    elif once:
+                        return 1
+                    if once and cycles >= 2:
+                        break
+                    next_tick = max(next_tick + self._delay(), time.monotonic())
                 while self.signals.stop_signal is None and not self.signals.reload:
                     remaining = next_tick - time.monotonic()
                     if remaining <= 0:
                         break
-                    self.signals.wake.wait(remaining)
+                    wait = remaining if self._watchdog is None else min(remaining, self._watchdog)
+                    self.signals.wake.wait(wait)
                     self.signals.wake.clear()
+                    self._ping()
         finally:
             notify.stopping()
+            self.remove_verdict()
             if self.config.restore_on_exit and not self.config.dry_run:
                 self._restore()
             self.host.close()
@@ -322,19 +414,37 @@ class Runner:
             )
             self._down_since = None
             self._failures = 0
+        self._check_online()
         return True
+
+    def _check_online(self) -> None:
+        # CPUs can go offline under a running agent: say so once, as an error, and keep going
+        # (the policy then has no pCPU to pin to and moves nothing).
+        problem = online_problem(self.config, self._online())
+        if problem is None:
+            self._no_pcpus = False
+        elif not self._no_pcpus:
+            self._no_pcpus = True
+            log.error(event("no-pcpus", error=problem))
 
     def reload(self) -> None:
         notify.reloading()
+        self._reloads += 1
+        self._reload_started = time.monotonic()
         try:
             if self.config_path is None:
                 log.info(event("reload", changed="none", note="no config file"))
+                self._verdict(None)
                 return
             try:
                 new = override(load_config(self.config_path), **self.overrides)
+                problem = online_problem(new, self._online()) if self.agent.last else None
+                if problem is not None:
+                    raise ConfigError(str(self.config_path), [problem])
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error(event("reload", rejected=str(self.config_path), error=error))
+                self._verdict("; ".join(exc.errors))
                 return
             changes = self.config.changes(new)
             if new.pidfile != self.config.pidfile:
@@ -351,8 +461,48 @@ class Runner:
                 self.agent = agent
             else:
                 self.agent.reconfigure(new)
+            self._verdict(None)
         finally:
             notify.ready()
+
+    def _verdict(self, error: str | None) -> None:
+        if error is None:
+            self.generation += 1
+        self.last_reload = ReloadVerdict(
+            at=time.time(), accepted=error is None, error=error, generation=self.generation
+        )
+        self.write_verdict()
+
+    def write_verdict(self) -> None:
+        """The verdict file beside the pidfile, replaced atomically: `vcpusched reload`
+        reads it to learn the answer to its SIGHUP."""
+        directory = self.config.pidfile.parent
+        document = {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "reloads": self._reloads,
+            # CLOCK_MONOTONIC is system-wide: the waiter compares it with its own send time.
+            "reload_started": self._reload_started,
+            "last_reload": None if self.last_reload is None else asdict(self.last_reload),
+        }
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VERDICT_FILE}.")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(document, handle)
+                    handle.write("\n")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, directory / VERDICT_FILE)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning(event("verdict-unwritten", path=str(directory), error=exc.strerror))
+
+    def remove_verdict(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.config.pidfile.parent / VERDICT_FILE).unlink()
 
     def _restore(self) -> None:
         try:

@@ -51,7 +51,7 @@ def test_values_and_coercions() -> None:
     [
         ({"interval": 0}, "interval: must be at least 0.1 and at most 3600, got 0"),
         ({"interval": "fast"}, "interval: expected a number, got 'fast'"),
-        ({"interval": True}, "interval: expected a number, got True"),
+        ({"interval": True}, "interval: expected a number, got true"),
         (
             {"thresholds": {"high": 150}},
             "thresholds.high: must be above 0 and at most 100, got 150",
@@ -142,7 +142,7 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad.yaml"
     bad.write_text("interval: 3\nthresholds: {low: 95}\nextra: 1\n")
     bad.chmod(0o644)
-    assert main(["check-config", str(bad)]) == 1
+    assert main(["check-config", str(bad)]) == 3
     err = capsys.readouterr().err.splitlines()
     assert (
         err
