@@ -217,3 +217,69 @@ def test_dry_run_pins_nothing_and_says_so(tmp_path: Path) -> None:
     places = [line for line in result.stderr.splitlines() if " place " in line]
     assert len(places) == 2
     assert all(line.endswith(" dry_run=1") for line in places)
+
+
+def _reload(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AGENT, "reload", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_reload_command_reports_the_agents_verdict(tmp_path: Path, agents: list[Agent]) -> None:
+    pidfile = tmp_path / "run" / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("connected")
+
+    write_config(config, pidfile, interval=0.3)
+    accepted = _reload(config)
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout == f"vcpusched: reloaded {config} (generation 2)\n"
+    assert "reload changed=interval:0.2->0.3" in agent.text()
+
+    # A file check-config accepts, but this host cannot run: only the agent can say.
+    write_config(config, pidfile, cpus='"100-200"')
+    rejected = _reload(config, "--pid", str(agent.proc.pid))
+    assert rejected.returncode == 3
+    assert rejected.stderr.startswith(
+        f"vcpusched: reload rejected: {config}: cpus: 100-200 selects no online pCPU"
+    ), rejected.stderr
+    assert rejected.stderr.count("\n") == 1
+
+    # A file that does not validate never reaches the agent.
+    write_config(config, pidfile, interval=0)
+    before = agent.text().count("reload ")
+    invalid = _reload(config)
+    assert invalid.returncode == 3
+    assert invalid.stderr == (
+        f"vcpusched: {config}: interval: must be at least 0.1 and at most 3600, got 0\n"
+    )
+    time.sleep(0.5)
+    assert agent.text().count("reload ") == before
+    assert agent.proc.poll() is None
+
+    assert agent.stop() == 0
+    assert not (pidfile.parent / "reload-verdict.json").exists()
+    write_config(config, pidfile)
+    gone = _reload(config)
+    assert gone.returncode == 1
+    assert gone.stderr.startswith(f"vcpusched: no running agent found through {pidfile}: ")
+
+
+def test_ctrl_c_during_status_is_quiet_130(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+    proc = subprocess.Popen(
+        [*AGENT, "status", "--config", str(config), "--interval", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)  # inside the sampling interval
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert (out, err) == ("", "")

@@ -161,3 +161,16 @@ def test_changes_lists_what_differs() -> None:
         "thresholds.high:90.0->95.0",
         "exclude:[]->[a]",
     ]
+
+
+def test_ctrl_c_during_check_config_is_quiet_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vcpusched.cli as cli
+
+    def interrupted(*_args: object, **_kwargs: object) -> Config:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    assert main(["check-config", str(tmp_path / "c.yaml")]) == 130
+    assert capsys.readouterr() == ("", "")
