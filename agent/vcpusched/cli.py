@@ -116,12 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     check = sub.add_parser("check-config", help="validate a config file and print it")
-    check.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH)
+    check.add_argument(
+        "path", nargs="?", type=Path, default=DEFAULT_PATH, help=f"default {DEFAULT_PATH}"
+    )
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
 
     status = sub.add_parser("status", help="sample once and print each pCPU with its vCPUs")
-    status.add_argument("-c", "--config", type=Path)
-    status.add_argument("-i", "--interval", type=_positive)
+    status.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_PATH})")
+    status.add_argument(
+        "-i", "--interval", type=_positive, help="seconds to sample over (default: the config's)"
+    )
 
     reload = sub.add_parser(
         "reload",
@@ -130,7 +134,13 @@ def _parser() -> argparse.ArgumentParser:
         "answer; exit 0 if it applied the file, 3 with its reason if it rejected it. "
         "This is the unit's ExecReload.",
     )
-    reload.add_argument("-c", "--config", type=Path, default=DEFAULT_PATH)
+    reload.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_PATH,
+        help=f"config file (default {DEFAULT_PATH})",
+    )
     reload.add_argument(
         "--pid", type=int, help="the agent's PID (default: read from the pidfile the config names)"
     )

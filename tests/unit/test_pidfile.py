@@ -80,5 +80,5 @@ def test_directory_others_can_write_is_refused_when_strict(tmp_path: Path) -> No
 
 
 def test_relative_path_refused(tmp_path: Path) -> None:
-    with pytest.raises(PidfileError, match="must be an absolute path, got 'run/a.pid'"):
+    with pytest.raises(PidfileError, match=r"must be an absolute path, got 'run/a\.pid'"):
         PidFile(Path("run/a.pid")).acquire()

@@ -120,7 +120,8 @@ def test_reload_verdicts_and_generation(tmp_path: Path) -> None:
     runner.start()
     verdict = json.loads((tmp_path / VERDICT_FILE).read_text())
     assert (runner.generation, runner.last_reload) == (1, None)
-    assert verdict["generation"] == 1 and verdict["last_reload"] is None
+    assert verdict["generation"] == 1
+    assert verdict["last_reload"] is None
 
     path.write_text(f"interval: 6\npidfile: {tmp_path}/a.pid\n")
     runner.reload()
