@@ -42,7 +42,7 @@ def _esc(text: str) -> str:
 
 def _option_label(action: argparse.Action) -> str:
     if not action.option_strings:
-        return f"\\fI{_esc(action.metavar or action.dest).upper()}\\fR"
+        return f"\\fI{_esc(str(action.metavar or action.dest)).upper()}\\fR"
     names = ", ".join(f"\\fB{_esc(s)}\\fR" for s in action.option_strings)
     if action.nargs == 0:
         return names
