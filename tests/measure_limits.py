@@ -19,8 +19,8 @@ from pathlib import Path
 import libvirt  # noqa: F401  (the real agent's memory includes the binding)
 
 from vcpusched.config import Config
-from vcpusched.scenarios import SCENARIOS
 from vcpusched.service import Agent
+from vcpusched_sim.scenarios import SCENARIOS
 
 
 def _status(field: str) -> str:

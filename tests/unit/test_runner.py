@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 from vcpusched.config import Config
 from vcpusched.model import HostSample
 from vcpusched.service import VERDICT_FILE, ReloadVerdict, Runner, Signals
-from vcpusched.sim import DomainSpec, SimHost, constant
+from vcpusched_sim.host import DomainSpec, SimHost, constant
 
 ALL = frozenset({0, 1})
 
@@ -35,6 +36,16 @@ class _Hangs(SimHost):
             self.hang.clear()
         self.tick(0.1)
         return super().sample()
+
+
+@pytest.fixture(autouse=True)
+def _keep_log_level() -> Iterator[None]:
+    # A reload sets the agent logger's level; later tests (the soak's memory count, which
+    # pytest's log capture would fill) must not inherit it.
+    logger = logging.getLogger("vcpusched")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture
