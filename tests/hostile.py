@@ -251,6 +251,10 @@ sink = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 start = time.monotonic()
 pid = os.fork()
 if pid == 0:
+    import resource
+    # An older agent expands "0-1000000000" in memory: cap it rather than the machine.
+    cap = 3 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     os.dup2(sink, 1); os.dup2(sink, 2)
     devnull = os.open(os.devnull, os.O_RDONLY); os.dup2(devnull, 0)
     os.execv(args[0], args)

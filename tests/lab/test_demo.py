@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,4 +59,47 @@ def test_demo_runs_and_tears_down(vmlab: Lab) -> None:
     if ours:
         assert "libvirtd stopped" in out
     assert not [d for d in vmlab.lab_domains("lab-demo-")]
+    assert not processes_matching("guest=lab-demo-")
+
+
+def test_demo_piped_through_a_reader_that_dies_still_tears_down(vmlab: Lab) -> None:
+    """`make demo | tee log` and Ctrl-C: the terminal's SIGINT ends tee too, so the demo's
+    stdout is a broken pipe by the time it tears down. Here the reader goes first, after one
+    line, then the whole process group gets SIGINT, as from the terminal."""
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "tests/lab/demo.sh"), "--duration", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader (tee) is gone
+        assert first, proc.stderr.read()
+        seen = []
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "starting the agent" in line:
+                break
+        assert any("starting the agent" in line for line in seen), "".join(seen)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = "".join(seen) + rest
+    assert code == 0, err
+    assert "teardown complete" in err, err
+    assert "Traceback" not in err, err
+    assert not list(vmlab.lab_domains("lab-demo-"))
     assert not processes_matching("guest=lab-demo-")
