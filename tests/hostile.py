@@ -214,8 +214,8 @@ def materialize(case: Case, directory: Path) -> Path:
 
 def measure(
     python: str, case: Case, directory: Path, timeout: float
-) -> tuple[str, str, float, int]:
-    """(exit code, first line, seconds, peak RSS in MiB) of one fresh process."""
+) -> tuple[str, str, float, float, int]:
+    """(exit code, first line, seconds, CPU seconds, peak RSS in MiB) of one fresh process."""
     path = materialize(case, directory)
     if case.run:
         full = path.read_text() + f"uri: test:///default\npidfile: {directory}/{case.name}.pid\n"
@@ -230,7 +230,7 @@ def measure(
         text=True,
         check=True,
     )
-    code, elapsed, rss_kib = result.stdout.split()
+    code, elapsed, cpu, rss_kib = result.stdout.split()
     text = out.read_text(errors="replace").splitlines()
     said = [line for line in text if line.startswith("vcpusched: ")]
     lines = said or [line for line in text if not line.startswith("# ")] or text or [""]
@@ -239,7 +239,7 @@ def measure(
     else:
         first = lines[0][:140] + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
     first = first.replace(str(directory) + "/", "")
-    return code, first, float(elapsed), int(rss_kib) // 1024
+    return code, first, float(elapsed), float(cpu), int(rss_kib) // 1024
 
 
 # Peak RSS is read from wait4() in a small launcher: a child inherits its parent's
@@ -269,7 +269,8 @@ while code is None:
         code = "killed-after-%ds" % timeout
     else:
         time.sleep(0.005)
-print(code, "%.3f" % (time.monotonic() - start), usage.ru_maxrss)
+cpu = usage.ru_utime + usage.ru_stime
+print(code, "%.3f" % (time.monotonic() - start), "%.3f" % cpu, usage.ru_maxrss)
 """
 
 
@@ -280,15 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", help="case names (default: all)")
     args = parser.parse_args(argv)
     chosen = [c for c in CASES if not args.cases or c.name in args.cases]
-    print("| input | exit | time (s) | peak RSS (MiB) | what the agent says |")
-    print("| --- | --- | --- | --- | --- |")
+    # CPU time beside wall time: on a busy machine the wall clock also counts the waiting.
+    print("| input | exit | time (s) | CPU (s) | peak RSS (MiB) | what the agent says |")
+    print("| --- | --- | --- | --- | --- | --- |")
     worst_time = worst_mem = 0.0
     for case in chosen:
         with tempfile.TemporaryDirectory() as tmp:
-            code, says, elapsed, rss = measure(args.python, case, Path(tmp), args.timeout)
+            code, says, elapsed, cpu, rss = measure(args.python, case, Path(tmp), args.timeout)
         worst_time, worst_mem = max(worst_time, elapsed), max(worst_mem, rss)
         says = says.replace("|", "\\|")
-        print(f"| {case.what} | {code} | {elapsed:.2f} | {rss} | `{says}` |", flush=True)
+        print(
+            f"| {case.what} | {code} | {elapsed:.2f} | {cpu:.2f} | {rss} | `{says}` |", flush=True
+        )
     print(f"\nworst: {worst_time:.2f} s, {worst_mem:.0f} MiB", file=sys.stderr)
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.role.fixtures import Target, build_wheels, config_document, local_sha256
+from tests.role.fixtures import TIMINGS, Target, build_wheels, config_document, local_sha256
 from tests.role.playbook import REPO, PlayRun
 from vcpusched.config import validate
 
@@ -321,6 +321,7 @@ def test_watchdog_restarts_a_hung_agent(target: Target) -> None:
         assert target.main_pid() == pid, "restarted while waiting out its interval"
         assert target.service()["ActiveState"] == "active"
 
+        stopped = time.monotonic()
         target.sh(f"kill -STOP {pid}")
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
@@ -330,10 +331,16 @@ def test_watchdog_restarts_a_hung_agent(target: Target) -> None:
             time.sleep(0.5)
         else:
             pytest.fail(f"not restarted after SIGSTOP: {target.service()}")
+        back = time.monotonic() - stopped
         log = target.sh("journalctl --no-pager -o cat -u vcpusched -n 50")
         assert "Watchdog timeout" in log, log
         assert int(target.sh("systemctl show vcpusched -p NRestarts").split("=")[1]) > restarts
-        print(f"watchdog: pid {pid} stopped, restarted as {target.main_pid()}")
+        said = [line for line in log.splitlines() if "atchdog" in line or "Main process" in line]
+        TIMINGS.append(
+            f"  watchdog: pid {pid} alive 8 s into a 10 s interval under WatchdogSec=3s; "
+            f"SIGSTOPped, running again as pid {target.main_pid()} {back:.1f} s later "
+            f"(RestartSec=5): {' | '.join(said[-3:])}"
+        )
     finally:
         target.sh(
             f"cp /root/vcpusched.yaml.saved {CONFIG} && rm -f {dropin}"
