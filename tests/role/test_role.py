@@ -107,6 +107,10 @@ def test_agent_runs_sandboxed(target: Target) -> None:
     score = float(match.group(1))
     print(f"systemd-analyze security vcpusched: {score} {match.group(2)}")
     assert score <= 4.0, report
+    # What the agent really uses, beside the unit's MemoryMax= and TasksMax=.
+    use = target.sh(f"grep -E '^(VmHWM|Threads):' /proc/{pid}/status").split()
+    limits = target.sh("systemctl show vcpusched -p MemoryMax -p TasksMax").split()
+    TIMINGS.append(f"  agent on the container: {' '.join(use)}; unit: {' '.join(limits)}")
 
 
 def test_second_run_changes_nothing(target: Target) -> None:
@@ -296,6 +300,10 @@ def test_reload_rejected_by_the_agent_fails_the_play_with_its_reason(target: Tar
     fixed = target.play(variables, label="config fixed")
     assert_ok(fixed)
     assert fixed.statuses(RELOAD, "handler") == ["changed"], fixed.summary()
+    assert target.main_pid() == pid
+    # And systemctl reload, inside the unit's sandbox, succeeds on a file the agent accepts.
+    accepted = target.container.ssh("systemctl reload vcpusched", check=False)
+    assert accepted.returncode == 0, accepted.stdout
     assert target.main_pid() == pid
 
 
