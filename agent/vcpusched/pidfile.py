@@ -99,9 +99,12 @@ class PidFile:
     def release(self) -> None:
         if self.fd is None:
             return
-        # Unlink while still holding the lock, so no newcomer can lock a file we then delete.
+        # Unlink while still holding the lock, so no newcomer can lock a file we then delete;
+        # and only the very file we hold (same device and inode, seen without following a
+        # link): whatever else has taken the path since is not ours to delete.
         try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+            now, ours = os.lstat(self.path), os.fstat(self.fd)
+            if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
                 os.unlink(self.path)
         except OSError:
             pass

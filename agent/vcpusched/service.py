@@ -7,10 +7,12 @@ very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and s
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
 import os
+import stat
 import statistics
 import tempfile
 import threading
@@ -485,14 +487,19 @@ class Runner:
             "reload_started": self._reload_started,
             "last_reload": None if self.last_reload is None else asdict(self.last_reload),
         }
+        target = directory / VERDICT_FILE
         try:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.lstat(target).st_mode):
+                    # A rename would replace a device or a link: not ours to replace.
+                    raise OSError(errno.EEXIST, f"{target} is not a regular file")
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VERDICT_FILE}.")
             try:
                 with os.fdopen(fd, "w") as handle:
                     json.dump(document, handle)
                     handle.write("\n")
                 os.chmod(tmp, 0o644)
-                os.replace(tmp, directory / VERDICT_FILE)
+                os.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -501,8 +508,12 @@ class Runner:
             log.warning(event("verdict-unwritten", path=str(directory), error=exc.strerror))
 
     def remove_verdict(self) -> None:
-        with contextlib.suppress(OSError):
-            (self.config.pidfile.parent / VERDICT_FILE).unlink()
+        """Remove the verdict file if it is still the one this process wrote."""
+        path = self.config.pidfile.parent / VERDICT_FILE
+        with contextlib.suppress(OSError, ValueError):
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+            if regular and json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
 
     def _restore(self) -> None:
         try:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,23 @@ def test_directory_others_can_write_is_refused_when_strict(tmp_path: Path) -> No
 def test_relative_path_refused(tmp_path: Path) -> None:
     with pytest.raises(PidfileError, match=r"must be an absolute path, got 'run/a\.pid'"):
         PidFile(Path("run/a.pid")).acquire()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_a_device_at_the_path_is_refused_and_left_alone(tmp_path: Path) -> None:
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with pytest.raises(PidfileError, match="not a regular file"):
+        PidFile(null, strict_owner=False).acquire()
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+
+
+def test_release_never_unlinks_what_is_not_ours(tmp_path: Path) -> None:
+    path = tmp_path / "a.pid"
+    pidfile = PidFile(path, strict_owner=False)
+    pidfile.acquire()
+    # Someone replaced the path while we ran: ours is the file we hold, not the path.
+    path.unlink()
+    path.write_text("someone else's\n")
+    pidfile.release()
+    assert path.read_text() == "someone else's\n"
