@@ -156,19 +156,25 @@ class View:
             say(text + "\n" + "-" * 72)
 
 
+_DEAD: set[int] = set()  # file descriptors found closed (a reader that went away)
+
+
 def say(text: str = "", *, err: bool = False) -> None:
     """Print, but never fail. Under `make demo | tee log`, Ctrl-C ends tee as well, and the
     teardown must still run: a closed stdout falls back to stderr, then to nothing."""
     for stream in (sys.stderr,) if err else (sys.stdout, sys.stderr):
+        fd = stream.fileno()
+        if fd in _DEAD:
+            continue
         try:
             stream.write(text + "\n")
             stream.flush()
             return
         except (OSError, ValueError):
-            # Point the dead stream at /dev/null, so that later writes and the flush at exit
-            # do not raise again.
+            _DEAD.add(fd)
+            # Point the dead stream at /dev/null, so that the flush at exit does not raise.
             with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def _short(domain: str) -> str:
