@@ -163,7 +163,10 @@ def say(text: str = "", *, err: bool = False) -> None:
     """Print, but never fail. Under `make demo | tee log`, Ctrl-C ends tee as well, and the
     teardown must still run: a closed stdout falls back to stderr, then to nothing."""
     for stream in (sys.stderr,) if err else (sys.stdout, sys.stderr):
-        fd = stream.fileno()
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            continue
         if fd in _DEAD:
             continue
         try:
