@@ -18,7 +18,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -31,6 +33,7 @@ from vcpusched.topology import (
     TopologyError,
     parse_capabilities,
     parse_cpulist,
+    parse_isolated,
     parse_memory_placement,
 )
 
@@ -59,6 +62,26 @@ class _Domain:
     age: int = 0
 
 
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def read_isolated(root: Path = SYSFS_CPU) -> frozenset[int]:
+    """This machine's isolated CPUs (see `topology.parse_isolated`); none where unreadable."""
+    try:
+        isolated = (root / "isolated").read_text()
+    except OSError:
+        return frozenset()
+    try:
+        nohz_full: str | None = (root / "nohz_full").read_text()
+    except OSError:
+        nohz_full = None
+    try:
+        return parse_isolated(isolated, nohz_full)
+    except TopologyError as exc:
+        log.warning(event("isolated-unreadable", error=str(exc)))
+        return frozenset()
+
+
 def _cpuset(flags: tuple[bool, ...] | list[bool]) -> frozenset[int]:
     return frozenset(i for i, on in enumerate(flags) if on)
 
@@ -72,6 +95,9 @@ class LibvirtHost:
         self._topology = Topology()
         self._topology_read = False
         self._topology_error: str | None = None
+        # sysfs tells about this machine only: a remote libvirtd's isolated CPUs are unknown.
+        self._local = not urlsplit(uri).netloc
+        self._isolated: frozenset[int] = frozenset()
         self._domains: dict[str, _Domain] = {}
 
     def _connect(self) -> Any:
@@ -94,7 +120,7 @@ class LibvirtHost:
         now = _cpuset(online)
         if now != self._online or not self._topology_read:
             try:
-                self._topology = parse_capabilities(conn.getCapabilities())
+                self._topology = parse_capabilities(conn.getCapabilities()).restricted(now)
                 self._topology_error = None
             except TopologyError as exc:
                 # Balancing does not need the topology: carry on without, and say so once.
@@ -103,6 +129,8 @@ class LibvirtHost:
                 self._topology_error = str(exc)
                 self._topology = Topology()
             self._topology_read = True
+            if self._local:
+                self._isolated = read_isolated()
         self._host_cpus = host_cpus
         self._online = now
 
@@ -172,6 +200,7 @@ class LibvirtHost:
             vcpus=vcpus,
             topology=self._topology,
             memory={name: self._domains[name].memory for name in seen},
+            isolated=self._isolated,
         )
 
     @staticmethod

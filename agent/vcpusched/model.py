@@ -51,6 +51,8 @@ class HostSample:
     # name); `Topology()` and no entry where the host does not say.
     topology: Topology = field(default_factory=Topology)
     memory: Mapping[str, MemoryPlacement] = field(default_factory=dict)
+    # CPUs kept from the kernel's balancer (isolcpus, nohz_full), where the host can tell.
+    isolated: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

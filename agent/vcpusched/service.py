@@ -30,6 +30,7 @@ from vcpusched.config import (
     online_problem,
     override,
 )
+from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
@@ -56,6 +57,8 @@ class Agent:
         self.balanced: bool | None = None
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
+        # Online pCPUs, topology, isolated CPUs and refused pins (see vcpusched.guard).
+        self.host_view = HostView()
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
@@ -64,6 +67,7 @@ class Agent:
         self.config = config
         self.balancer.reconfigure(config)
         self.balanced = None
+        self.host_view.forget()  # a refused pin may be allowed now: try it again
 
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
@@ -73,6 +77,7 @@ class Agent:
     def step(self) -> list[Move]:
         """One cycle: sample, compare with the previous sample, plan, pin. Returns the moves."""
         sample = self.host.sample()
+        self.host_view.see(sample)
         self._track_domains(sample)
         before, self.last = self.last, sample
         if before is None:
@@ -80,8 +85,9 @@ class Agent:
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
             return []
+        measured = self.host_view.hold(measured, self.config)
         self.snapshot = measured
-        self.plan = self.balancer.plan(measured, frozenset(sample.pcpu_busy_ns))
+        self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
         moves = list(self.plan.moves)
         if self.config.dry_run:
             self._log_dry_run(moves)
@@ -113,6 +119,7 @@ class Agent:
         if not refs:
             return
         log.info(event("gone", domain=domain, during=during))
+        self.host_view.forget(domain)
         for ref in refs:
             del self.original[ref]
             self.changed.pop(ref, None)
@@ -127,20 +134,12 @@ class Agent:
                 self._forget(move.ref.domain, during="pin")
                 continue
             except PinError as exc:
-                log.error(
-                    event(
-                        "pin-failed",
-                        domain=move.ref.domain,
-                        vcpu=move.ref.vcpu,
-                        to=move.dst,
-                        error=str(exc),
-                    )
-                )
+                self.host_view.refuse(move, str(exc))
                 continue
             self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
             applied.append(move)
-            log.info(_move_line(move))
+            log.info(_move_line(move, node=self.host_view.node_change(move)))
         return applied
 
     def _log_dry_run(self, moves: list[Move]) -> None:
@@ -151,7 +150,7 @@ class Agent:
             return
         self._dry_plan = planned
         for move in moves:
-            log.info(_move_line(move, dry_run=True))
+            log.info(_move_line(move, dry_run=True, node=self.host_view.node_change(move)))
 
     def _log_balance(self, snapshot: Snapshot, moved: bool) -> None:
         if moved:
@@ -160,7 +159,8 @@ class Agent:
         if self.balanced:
             return
         self.balanced = True
-        allowed = policy.allowed_pcpus(self.config, snapshot.util)
+        allowed = policy.allowed_pcpus(self.config, self.host_view.usable(self.config))
+        allowed &= snapshot.util.keys()
         util = [snapshot.util[p] for p in sorted(allowed)]
         log.info(
             event(
@@ -188,14 +188,16 @@ class Agent:
         self.changed.clear()
 
 
-def _move_line(move: Move, dry_run: bool = False) -> str:
+def _move_line(move: Move, dry_run: bool = False, node: str | None = None) -> str:
     fields: dict[str, object] = {
         "domain": move.ref.domain,
         "vcpu": move.ref.vcpu,
         "from": format_cpus(move.src),
         "to": move.dst,
-        "demand": move.demand,
     }
+    if node is not None:
+        fields["node"] = node  # only where the move changes it
+    fields["demand"] = move.demand
     if move.src_demand is not None:
         fields["from_demand"] = move.src_demand
     fields["to_demand"] = move.dst_demand

@@ -11,14 +11,15 @@ Pure: XML text in, frozen values out. Sources:
 
 Units: CPU and node numbers are the kernel's (/sys/devices/system/cpu/cpuN, .../node/nodeN);
 memory in KiB; cache sizes in bytes; distances as the firmware's SLIT gives them (10 = local).
-A CPU that is offline is not listed by libvirt, so it is unknown here.
+libvirt 9.0 still lists an offline CPU, with made-up ids (core 0, itself its only sibling:
+sysfs has no topology for it), so the host keeps only the online ones (`Topology.restricted`).
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 # Memory modes that confine a domain's memory to its nodeset: its vCPUs belong on those nodes'
@@ -125,6 +126,17 @@ class Topology:
             node_list=(Node(id=0, cpus=ids),),
         )
 
+    def restricted(self, cpus: Iterable[int]) -> Topology:
+        """The same host seen through `cpus` (the online ones): every other CPU unknown."""
+        keep = frozenset(cpus)
+        return Topology(
+            cpu_list=tuple(
+                replace(c, siblings=c.siblings & keep) for c in self.cpu_list if c.id in keep
+            ),
+            node_list=tuple(replace(n, cpus=n.cpus & keep) for n in self.node_list),
+            caches=tuple(replace(b, cpus=b.cpus & keep) for b in self.caches if b.cpus & keep),
+        )
+
     @cached_property
     def cpus(self) -> Mapping[int, Cpu]:
         return {c.id: c for c in self.cpu_list}
@@ -185,9 +197,9 @@ class Topology:
         return frozenset(out)
 
     def summary(self) -> dict[str, object]:
-        """Fields for one log line: "nodes=0:0-7,1:8-15 cores=16 threads=2 llc=2"."""
+        """Fields for one log line: "nodes=0:0-7,16-23/1:8-15,24-31 cores=16 threads=2 llc=2"."""
         return {
-            "nodes": " ".join(f"{n.id}:{_fmt(n.cpus)}" for n in self.node_list) or "unknown",
+            "nodes": "/".join(f"{n.id}:{_fmt(n.cpus)}" for n in self.node_list) or "unknown",
             "cores": len(self.cores),
             "threads": self.threads_per_core,
             "llc": len({frozenset(g) for g in self._llc.values()}) or None,
@@ -311,6 +323,17 @@ def parse_capabilities(text: str) -> Topology:
     )
 
 
+def parse_isolated(isolated: str, nohz_full: str | None = None) -> frozenset[int]:
+    """CPUs kept from the kernel's load balancer, from the text of sysfs `cpu/isolated`
+    (`isolcpus=`) and `cpu/nohz_full` (`nohz_full=`; absent without CONFIG_NO_HZ_FULL, and
+    "(null)" on some kernels built with it but booted without)."""
+    cpus = parse_cpulist(isolated, "isolated")
+    text = (nohz_full or "").strip()
+    if text and text != "(null)":
+        cpus |= parse_cpulist(text, "nohz_full")
+    return cpus
+
+
 @dataclass(frozen=True, slots=True)
 class MemNode:
     """A `<memnode>`: where the memory of one guest NUMA cell is bound."""
@@ -356,12 +379,12 @@ class MemoryPlacement:
 
     def allowed_cpus(self, vcpu: int, topology: Topology) -> frozenset[int] | None:
         """The pCPUs a vCPU may be pinned to without leaving its bound memory; None when its
-        memory does not bind it, or the topology knows none of those nodes."""
+        memory does not bind it, or the topology knows no CPU of those nodes (unknown nodes,
+        or memory-only ones: then no pCPU is nearer to it than another)."""
         nodes = self.nodes_for(vcpu)
         if nodes is None:
             return None
-        cpus = topology.cpus_of_nodes(nodes)
-        return cpus if cpus or not nodes & topology.nodes.keys() else None
+        return topology.cpus_of_nodes(nodes) or None
 
 
 def parse_memory_placement(text: str) -> MemoryPlacement:
