@@ -330,6 +330,8 @@ class GuestSpec:
     pin: int | Sequence[int | None] | None = None
     period_ms: int = 100
     cmdline: str = ""
+    # Raw domain XML placed after <cputune>, e.g. a <numatune> element.
+    extra_xml: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.startswith(PREFIX):
@@ -461,7 +463,7 @@ class Lab:
   <name>{escape(spec.name)}</name>
   <memory unit='MiB'>{MEMORY_MIB}</memory>
   <vcpu placement='static'>{spec.vcpus}</vcpu>
-  <cputune>{pins}</cputune>
+  <cputune>{pins}</cputune>{spec.extra_xml}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{self.guest_dir / "vmlinux"}</kernel>
