@@ -33,7 +33,8 @@ TOLERANCE = 5.0
 # Cycles watched after the pCPU is back: more than the policy's cooldown (15 cycles), so every
 # vCPU that moved off the pCPU has been free to try going back.
 REFUSAL_WATCH = 20 * INTERVAL
-USE_WAIT = 30 * INTERVAL
+USE_WAIT = 60 * INTERVAL
+REFUSAL_WAIT = 60 * INTERVAL
 # With cgroup v1 the kernel takes an offline pCPU out of every cpuset for good (see hotplug.py).
 CPUSET_V1 = (hotplug.CPUSET / "cpuset.cpus").exists()
 
@@ -63,6 +64,14 @@ def wait_pins(judge: Judge, ok: Callable[[Pins], bool], timeout: float) -> float
         if time.monotonic() > deadline:
             raise AssertionError(f"pins never settled within {timeout} s: {pins}")
         time.sleep(0.1)
+
+
+def busy_host(agent: Agent, what: str) -> None:
+    util = [line.fields.get("util") for line in agent.events("balanced")]
+    pytest.fail(
+        f"{what}; the agent last read utilization {util[-3:]}: if pCPU {VICTIM} stayed full "
+        f"of other work, the host was too busy to judge\n{agent.transcript()}"
+    )
 
 
 def guest_sum(m: Measurement) -> float:
@@ -119,6 +128,13 @@ def test_pcpu_offline_and_back(vmlab: Lab, guests: str, tmp_path: Path) -> None:
             back_at = time.monotonic()
             hotplug.set_online(VICTIM, True)
             agent.wait_for("online", timeout=5 * INTERVAL, after=back_at, cpus=str(VICTIM))
+            if CPUSET_V1:
+                # A move onto it needs room there, and other work may fill a pCPU that has
+                # just come back (the kernel spreads the host's processes onto it at once).
+                try:
+                    agent.wait_for("pin-failed", timeout=REFUSAL_WAIT, after=back_at)
+                except AssertionError:
+                    busy_host(agent, f"no pin to pCPU {VICTIM} was tried within {REFUSAL_WAIT} s")
             time.sleep(REFUSAL_WATCH)
             refused = [line for line in agent.events("pin-failed") if line.at >= back_at]
             attempts = refused_attempts(libvirtd_log, log_offset)
@@ -139,19 +155,12 @@ def test_pcpu_offline_and_back(vmlab: Lab, guests: str, tmp_path: Path) -> None:
                 hotplug.repair_cpusets()
                 reload_at = agent.signal(signal.SIGHUP)
                 agent.wait_for("reload", timeout=10, after=reload_at)
-            # Moving onto it needs room there, and other work may fill a pCPU that has just
-            # come back (the kernel spreads the host's processes onto it at once).
             try:
                 used_at = wait_pins(
                     judge, lambda pins: any(p == {VICTIM} for p in pins.values()), USE_WAIT
                 )
             except AssertionError:
-                util = [line.fields.get("util") for line in agent.events("balanced")]
-                pytest.fail(
-                    f"no vCPU went back to pCPU {VICTIM} within {USE_WAIT} s; the agent read "
-                    f"utilization {util[-3:]}: if it stayed full of other work, the host was too "
-                    f"busy to judge\n{agent.transcript()}"
-                )
+                busy_host(agent, f"no vCPU went back to pCPU {VICTIM} within {USE_WAIT} s")
             # Nothing refused once the cpusets hold the pCPU again (with cgroup v2, at all).
             assert not [line for line in agent.events("pin-failed") if line.at > reload_at]
             figures["used_again_after_s"] = round(used_at - back_at, 1)
