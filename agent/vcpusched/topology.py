@@ -102,7 +102,7 @@ class Node:
     cpus: frozenset[int]
     memory_kib: int | None = None
     # Distance to each node, this one included (10 = local); empty where libvirt gave none.
-    distances: Mapping[int, int] = field(default_factory=dict)
+    distances: Mapping[int, int] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

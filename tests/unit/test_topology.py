@@ -56,6 +56,9 @@ def test_two_sockets_threads_n_and_n_plus_16() -> None:
     assert t.caches == ()
     assert t.cache_group_of(0) is None
     assert t.multi_node
+    # A value: equal when parsed twice, and usable as a key.
+    assert hash(t) == hash(fixture("2s8c2t-split"))
+    assert t == fixture("2s8c2t-split")
 
 
 def test_two_sockets_threads_n_and_n_plus_1_with_l3_banks() -> None:
