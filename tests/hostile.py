@@ -101,6 +101,13 @@ CASES: list[Case] = [
     ),
     Case("string-1MiB", "a 1 MiB uri", b"uri: " + b"x" * (MiB - 16) + b"\n", 3, "longer than 4096"),
     Case(
+        "long-key",
+        "a key of 1 MiB",
+        b"? " + b"k" * (MiB - 16) + b"\n: 1\n",
+        3,
+        "a key of 1048560 characters",
+    ),
+    Case(
         "nested",
         "50,000 nested brackets",
         b"interval: " + b"[" * 50_000 + b"\n",

@@ -25,6 +25,7 @@ from vcpusched import __version__, policy, stats
 from vcpusched.config import DEFAULT_PATH, Config, ConfigError, load_config, override
 from vcpusched.host import Host, HostError
 from vcpusched.model import Snapshot, Vcpu, format_cpus
+from vcpusched.pidfile import PidfileError, check_directory, open_regular
 
 PROG = "vcpusched"
 
@@ -227,7 +228,7 @@ def _host(uri: str) -> Host:
 
 def run(args: argparse.Namespace) -> int:
     from vcpusched import logs, notify
-    from vcpusched.pidfile import PidFile, PidfileError
+    from vcpusched.pidfile import PidFile
     from vcpusched.service import Runner, Signals, StartError
 
     try:
@@ -303,7 +304,6 @@ def run(args: argparse.Namespace) -> int:
 
 def reload(args: argparse.Namespace) -> int:
     """Validate, SIGHUP the agent, wait for its verdict: the unit's ExecReload."""
-    from vcpusched.pidfile import PidfileError, check_directory, open_regular
     from vcpusched.service import VERDICT_FILE
 
     try:
@@ -314,7 +314,7 @@ def reload(args: argparse.Namespace) -> int:
     directory = pidfile.parent
     try:
         check_directory(directory)
-        pid = args.pid or _pid_from(pidfile, open_regular)
+        pid = args.pid or _pid_from(pidfile)
     except (OSError, PidfileError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         return _fail(f"no running agent found through {pidfile}: {reason}")
@@ -326,7 +326,7 @@ def reload(args: argparse.Namespace) -> int:
         return _fail(f"cannot signal the agent (pid {pid}): {exc.strerror}")
     deadline = sent + args.timeout
     while time.monotonic() < deadline:
-        state = _read_verdict(verdict_path, open_regular)
+        state = _read_verdict(verdict_path)
         if state is not None and state.get("pid") == pid:
             last = state.get("last_reload")
             if isinstance(last, dict) and float(state.get("reload_started", 0)) >= sent:
@@ -338,7 +338,7 @@ def reload(args: argparse.Namespace) -> int:
     return _fail(f"no answer from the agent (pid {pid}) within {args.timeout:g} s")
 
 
-def _pid_from(pidfile: Path, open_regular: Any) -> int:
+def _pid_from(pidfile: Path) -> int:
     fd = open_regular(pidfile, os.O_RDONLY)
     try:
         text = os.read(fd, 32).decode(errors="replace").strip()
@@ -358,11 +358,11 @@ def _pid_from(pidfile: Path, open_regular: Any) -> int:
     return pid
 
 
-def _read_verdict(path: Path, open_regular: Any) -> dict[str, Any] | None:
+def _read_verdict(path: Path) -> dict[str, Any] | None:
     try:
         fd = open_regular(path, os.O_RDONLY)
-    except (OSError, Exception):
-        return None
+    except (OSError, PidfileError):
+        return None  # not written yet, or being replaced
     try:
         data = json.loads(os.read(fd, 65536))
     except ValueError:

@@ -22,6 +22,8 @@ MAX_DEPTH = 8
 MAX_VALUES = 20_000
 # A number longer than this is no interval or threshold anyone means.
 MAX_DIGITS = 30
+# Keys are option names; an error naming a longer one would be a line of any length.
+MAX_KEY = 100
 
 # libyaml's parser when PyYAML has it (Debian's and PyPI's both do): a hundred times faster
 # than the pure-Python one, which needs half a second for 1 MiB.
@@ -168,6 +170,11 @@ def load(raw: bytes) -> Any:
                 if wants_key:
                     assert isinstance(top, _Mapping)
                     key = event.value
+                    if len(key) > MAX_KEY:
+                        raise YamlError(
+                            f"{_where(event.start_mark)}a key of {len(key)} characters "
+                            f"(options have names of at most {MAX_KEY})"
+                        )
                     if key in top.lines:
                         where = f"{top.path}.{key}" if top.path else key
                         raise YamlError(
