@@ -24,7 +24,7 @@ def notify(*states: str) -> bool:
 
 
 def ready() -> bool:
-    return notify("READY=1", "STATUS=balancing")
+    return notify("READY=1")
 
 
 def reloading() -> bool:
@@ -35,3 +35,8 @@ def reloading() -> bool:
 
 def stopping() -> bool:
     return notify("STOPPING=1")
+
+
+def status(text: str) -> bool:
+    """STATUS=: one line that `systemctl status` shows (see `state.summary`)."""
+    return notify(f"STATUS={' '.join(text.split())}")

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from vcpusched import __version__, notify, policy, stats
+from vcpusched import __version__, notify, policy, state, stats
 from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
+from vcpusched.metrics import Exporter
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
 
 log = logging.getLogger("vcpusched")
@@ -42,6 +45,8 @@ class Agent:
         self.balanced: bool | None = None
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
+        # Failed operations by name, for the metrics (`vcpusched_errors_total`).
+        self.failures: dict[str, int] = {}
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
@@ -54,6 +59,7 @@ class Agent:
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
         self.last = None
+        self.plan = None
         self.balancer.forget()
 
     def step(self) -> list[Move]:
@@ -113,6 +119,7 @@ class Agent:
                 self._forget(move.ref.domain, during="pin")
                 continue
             except PinError as exc:
+                self.failures["pin"] = self.failures.get("pin", 0) + 1
                 log.error(
                     event(
                         "pin-failed",
@@ -168,6 +175,7 @@ class Agent:
             except DomainGone:
                 continue
             except PinError as exc:
+                self.failures["restore"] = self.failures.get("restore", 0) + 1
                 log.error(event("restore-failed", domain=ref.domain, vcpu=ref.vcpu, error=str(exc)))
                 continue
             log.info(event("restore", domain=ref.domain, vcpu=ref.vcpu, to=format_cpus(pcpus)))
@@ -208,8 +216,42 @@ class Signals:
         self.wake.set()
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadVerdict:
+    """What became of the last reload: `generation` is the config's after it."""
+
+    at: float  # unix time
+    accepted: bool
+    error: str | None
+    generation: int
+
+
+def _plan_of(agent: Agent) -> tuple[Sequence[Move], Mapping[str, int], Mapping[int, float]]:
+    """The last plan's moves, what it held back by reason, and its pCPU demands."""
+    plan = agent.plan
+    if plan is None:
+        return (), {}, {}
+    return plan.moves, plan.held, plan.pcpu_demand
+
+
+def _move_state(move: Move) -> state.MoveState:
+    return state.MoveState(
+        kind=move.kind,
+        domain=move.ref.domain,
+        vcpu=move.ref.vcpu,
+        src=format_cpus(move.src),
+        dst=move.dst,
+        demand=round(move.demand, 2),
+        reason=move.reason or "none",
+    )
+
+
 class Runner:
-    """The daemon loop: a cycle every interval, reconnecting and reloading as needed."""
+    """The daemon loop: a cycle every interval, reconnecting and reloading as needed.
+
+    After each cycle it publishes the live state (`vcpusched.state`): the state file beside
+    the pidfile, the metrics, and systemd's STATUS=.
+    """
 
     def __init__(
         self,
@@ -230,6 +272,19 @@ class Runner:
         self._down_logged = 0.0
         self._failures = 0
         self._connected = False
+        # The config's generation: one more per accepted reload.
+        self.generation = 0
+        self.last_reload: ReloadVerdict | None = None
+        self.counts = state.Counts()
+        self.exporter = Exporter(config.metrics_textfile_dir, config.metrics_listen)
+        self.state_file = state.state_path(config.pidfile)
+        self.live: state.LiveState | None = None
+        self._down_since_unix: float | None = None
+        self._error: str | None = None
+        self._last_cycle: float | None = None
+        self._status = ""
+        # The last failure of each output, logged once until it works again.
+        self._output_errors: dict[str, str] = {}
 
     def run(self, once: bool = False) -> int:
         cfg = self.config
@@ -271,6 +326,7 @@ class Runner:
             if self.config.restore_on_exit and not self.config.dry_run:
                 self._restore()
             self.host.close()
+            self.publish(running=False)
             log.info(
                 event(
                     "stop", signal=self.signals.stop_signal or "none", moves=self.agent.moves_total
@@ -287,27 +343,110 @@ class Runner:
         return min(backoff, 2 * self.config.interval)
 
     def _cycle(self) -> bool:
+        started = time.monotonic()
         try:
-            self.agent.step()
+            applied = self.agent.step()
         except HostError as exc:
-            now = time.monotonic()
-            self._failures += 1
-            self.agent.forget_sample()
-            if self._down_since is None:
-                self._down_since = self._down_logged = now
-                log.warning(event("disconnected", uri=self.config.uri, error=str(exc)))
-            elif now - self._down_logged >= 60:
-                self._down_logged = now
-                log.warning(
-                    event(
-                        "still-disconnected",
-                        uri=self.config.uri,
-                        seconds=round(now - self._down_since),
-                        error=str(exc),
-                    )
+            self.counts.error("sample")
+            self._error = str(exc)
+            if self._down_since_unix is None:
+                self._down_since_unix = time.time()
+            connected = self._lost(exc)
+        else:
+            self.counts.count_moves([_move_state(m) for m in applied])
+            connected = self._found()
+        self.counts.observe_cycle(time.monotonic() - started)
+        if connected:
+            self._last_cycle = time.time()
+            _, held, _ = _plan_of(self.agent)
+            self.counts.count_held(held)
+        self.publish()
+        return connected
+
+    def publish(self, running: bool = True) -> state.LiveState:
+        """Rebuild the live state from the agent's, and hand it to every output."""
+        agent = self.agent
+        for operation, n in agent.failures.items():
+            # The agent counts its own; a new agent (after a URI change) starts again at 0.
+            self.counts.errors[operation] = self.counts.errors.get(operation, 0) + n
+        agent.failures.clear()
+        moves, held, demand = _plan_of(agent)
+        sample = agent.last if self._connected else None
+        online = frozenset(sample.pcpu_busy_ns) if sample is not None else frozenset()
+        pcpus, vcpus = state.measured(
+            sample,
+            agent.snapshot,
+            demand,
+            policy.allowed_pcpus(self.config, online),
+            agent.excluded,
+        )
+        verdict = self.last_reload
+        live = state.LiveState(
+            version=__version__,
+            pid=os.getpid(),
+            written=time.time(),
+            interval=self.config.interval,
+            generation=self.generation,
+            running=running,
+            connected=self._connected,
+            disconnected_since=None if self._connected else self._down_since_unix,
+            error=None if self._connected else self._error,
+            last_reload=None
+            if verdict is None
+            else state.ReloadState(verdict.at, verdict.accepted, verdict.error, verdict.generation),
+            last_cycle=self._last_cycle,
+            pcpus=pcpus,
+            vcpus=vcpus,
+            moves=tuple(_move_state(m) for m in moves) if sample is not None else (),
+            held=dict(held) if sample is not None else {},
+            dry_run=self.config.dry_run,
+            counts=self.counts,
+        )
+        self.live = live
+        self._output("write_state", self.state_file, lambda: state.write(self.state_file, live))
+        self._output(
+            "write_metrics", self.exporter.textfile_dir, lambda: self.exporter.publish(live)
+        )
+        text = state.summary(live)
+        if running and text != self._status:
+            self._status = text
+            notify.status(text)
+        return live
+
+    def _output(self, operation: str, where: object, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            self.counts.error(operation)
+            message = str(exc)
+            if self._output_errors.get(operation) != message:
+                self._output_errors[operation] = message
+                log.error(event(f"{operation.replace('_', '-')}-failed", path=where, error=message))
+            return
+        if self._output_errors.pop(operation, None) is not None:
+            log.info(event(f"{operation.replace('_', '-')}-ok", path=where))
+
+    def _lost(self, exc: HostError) -> bool:
+        now = time.monotonic()
+        self._failures += 1
+        self.agent.forget_sample()
+        if self._down_since is None:
+            self._down_since = self._down_logged = now
+            log.warning(event("disconnected", uri=self.config.uri, error=str(exc)))
+        elif now - self._down_logged >= 60:
+            self._down_logged = now
+            log.warning(
+                event(
+                    "still-disconnected",
+                    uri=self.config.uri,
+                    seconds=round(now - self._down_since),
+                    error=str(exc),
                 )
-            self._connected = False
-            return False
+            )
+        self._connected = False
+        return False
+
+    def _found(self) -> bool:
         if not self._connected:
             self._connected = True
             down = None if self._down_since is None else time.monotonic() - self._down_since
@@ -321,26 +460,44 @@ class Runner:
                 )
             )
             self._down_since = None
+            self._down_since_unix = None
+            self._error = None
             self._failures = 0
         return True
+
+    def _verdict(self, error: str | None) -> None:
+        accepted = error is None
+        if accepted:
+            self.generation += 1
+        self.counts.reloads["accepted" if accepted else "rejected"] += 1
+        self.last_reload = ReloadVerdict(time.time(), accepted, error, self.generation)
 
     def reload(self) -> None:
         notify.reloading()
         try:
             if self.config_path is None:
                 log.info(event("reload", changed="none", note="no config file"))
+                self._verdict(None)
                 return
             try:
                 new = override(load_config(self.config_path), **self.overrides)
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error(event("reload", rejected=str(self.config_path), error=error))
+                self._verdict("; ".join(exc.errors))
                 return
             changes = self.config.changes(new)
             if new.pidfile != self.config.pidfile:
                 log.warning(event("reload", ignored="pidfile", note="takes effect on restart"))
                 new = override(new, pidfile=self.config.pidfile)
+            if new.metrics_listen != self.config.metrics_listen:
+                log.warning(
+                    event("reload", ignored="metrics.listen", note="takes effect on restart")
+                )
+                new = override(new, metrics_listen=self.config.metrics_listen)
             log.info(event("reload", changed=",".join(changes) or "none"))
+            self.exporter.textfile_dir = new.metrics_textfile_dir
+            self._verdict(None)
             old, self.config = self.config, new
             logging.getLogger("vcpusched").setLevel(LOG_LEVELS[new.log_level])
             if new.uri != old.uri:
@@ -353,6 +510,10 @@ class Runner:
                 self.agent.reconfigure(new)
         finally:
             notify.ready()
+            # Reflect the verdict at once, not only after the next cycle.
+            self._status = ""
+            if self.live is not None:
+                self.publish()
 
     def _restore(self) -> None:
         try:

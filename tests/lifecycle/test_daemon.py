@@ -80,20 +80,49 @@ def test_bad_config_at_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
     )
 
 
+def _next(sock: socket.socket, statuses: list[str]) -> bytes:
+    """The next datagram that is not a STATUS= update; those go to `statuses`."""
+    while True:
+        message = sock.recv(4096)
+        if not message.startswith(b"STATUS="):
+            return message
+        statuses.append(message.decode().removeprefix("STATUS="))
+
+
+def _status_with(sock: socket.socket, statuses: list[str], needle: str) -> str:
+    while not any(needle in s for s in statuses):
+        message = sock.recv(4096)
+        assert message.startswith(b"STATUS="), message
+        statuses.append(message.decode().removeprefix("STATUS="))
+    return next(s for s in statuses if needle in s)
+
+
 def test_readiness_and_reload_notifications(tmp_path: Path, agents: list[Agent]) -> None:
     address = str(tmp_path / "notify.sock")
+    statuses: list[str] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(15)
-        config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+        pidfile = tmp_path / "a.pid"
+        config = write_config(tmp_path / "c.yaml", pidfile)
         agent = Agent(["run", "--config", str(config)], env={"NOTIFY_SOCKET": address})
         agents.append(agent)
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert _next(sock, statuses) == b"READY=1"
+        # The test driver's one domain, "test", and its sd, once a cycle has measured it.
+        assert "balanced: 1 domains, sd " in _status_with(sock, statuses, "balanced")
         agent.proc.send_signal(signal.SIGHUP)
-        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert _next(sock, statuses).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert _next(sock, statuses) == b"READY=1"
+
+        config.write_text(f"uri: test:///default\npidfile: {pidfile}\ninterval: 0\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert _next(sock, statuses).startswith(b"RELOADING=1")
+        assert _next(sock, statuses) == b"READY=1"
+        rejected = _status_with(sock, statuses, "reload rejected")
+        assert rejected.endswith("interval: must be at least 0.1 and at most 3600, got 0")
+        assert rejected.startswith("balanced: 1 domains")
         agent.proc.send_signal(signal.SIGTERM)
-        assert sock.recv(4096) == b"STOPPING=1"
+        assert _next(sock, statuses) == b"STOPPING=1"
         assert agent.stop() == 0
 
 
