@@ -418,7 +418,8 @@ class Runner:
             write()
         except OSError as exc:
             self.counts.error(operation)
-            message = str(exc)
+            # strerror, not str(exc): the latter names a temporary file, new each cycle.
+            message = exc.strerror or str(exc)
             if self._output_errors.get(operation) != message:
                 self._output_errors[operation] = message
                 log.error(event(f"{operation.replace('_', '-')}-failed", path=where, error=message))

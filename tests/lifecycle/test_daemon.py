@@ -6,6 +6,7 @@ agent does to real guests is proven in tests/e2e against a real libvirtd.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -212,3 +213,36 @@ def test_dry_run_pins_nothing_and_says_so(tmp_path: Path) -> None:
     places = [line for line in result.stderr.splitlines() if " place " in line]
     assert len(places) == 2
     assert all(line.endswith(" dry_run=1") for line in places)
+
+
+def test_status_reads_the_running_daemons_state(tmp_path: Path, agents: list[Agent]) -> None:
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("balanced ")
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*AGENT, "status", "--config", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    shown = status()
+    assert shown.returncode == 0, shown.stderr
+    first = shown.stdout.splitlines()[0]
+    assert first.startswith(f"daemon pid {agent.proc.pid}: its state of "), first
+    assert "test/0:" in shown.stdout and "status: balanced: 1 domains" in shown.stdout
+    doc = json.loads(status("--json").stdout)
+    assert doc["source"]["kind"] == "daemon" and doc["pid"] == agent.proc.pid
+    assert doc["source"]["age_seconds"] < 5
+    assert {v["domain"] for v in doc["vcpus"]} == {"test"}
+    assert doc["connected"] and doc["running"] and doc["generation"] == 0
+
+    assert agent.stop() == 0
+    alone = status("--interval", "0.2")
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.startswith(f"no daemon running (no {pidfile}): sampled by itself")
+    assert "test/0:" in alone.stdout

@@ -1,0 +1,256 @@
+"""The metrics and the live state, from the daemon loop driven on the simulator.
+
+The text is read back with prometheus_client's own parser, as a scraper would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from vcpusched import state
+from vcpusched.config import Config
+from vcpusched.host import HostError, PinError
+from vcpusched.metrics import TEXTFILE, Exporter
+from vcpusched.model import VcpuRef
+from vcpusched.scenarios import SCENARIOS
+from vcpusched.service import Runner, Signals
+from vcpusched.sim import DomainSpec, SimHost, constant
+
+ALL = frozenset({0, 1})
+NAME = re.compile(r"vcpusched_[a-z0-9_]+")
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted labels: value}}"""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def runner_on(host: SimHost, tmp_path: Path, **config: object) -> Runner:
+    settings: dict[str, object] = {
+        "pidfile": tmp_path / "run" / "vcpusched.pid",
+        "metrics_textfile_dir": tmp_path,
+    }
+    settings.update(config)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return Runner(Config(**settings), None, {}, lambda uri: host, Signals())  # type: ignore[arg-type]
+
+
+def cycles(runner: Runner, host: SimHost, n: int) -> None:
+    for _ in range(n):
+        runner._cycle()
+        host.tick(1.0)
+
+
+def metrics(tmp_path: Path) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    return parse((tmp_path / TEXTFILE).read_text())
+
+
+def test_names_follow_the_conventions(tmp_path: Path) -> None:
+    host = SimHost(2, [DomainSpec(f"vm{i}", (constant(40),), (ALL,)) for i in range(3)])
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 4)
+    families = list(text_string_to_metric_families((tmp_path / TEXTFILE).read_text()))
+    for family in families:
+        assert NAME.fullmatch(family.name), family.name
+        assert family.documentation, family.name
+        assert "percent" not in family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+    types = {f.name: f.type for f in families}
+    assert types["vcpusched_cycle_duration_seconds"] == "histogram"
+    assert types["vcpusched_vcpu_wait_seconds"] == "counter"
+    assert types["vcpusched_pin_changes"] == "counter"
+    assert types["vcpusched_pcpu_utilization_ratio"] == "gauge"
+
+
+def test_values_are_the_agents_state(tmp_path: Path) -> None:
+    # Four guests on pCPU0: the agent moves some to pCPU1; the metrics follow the pins.
+    loads = (50, 30, 20, 10)
+    host = SimHost(
+        2,
+        [DomainSpec(f"vm{i}", (constant(x),), (frozenset({0}),)) for i, x in enumerate(loads)],
+    )
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 6)
+    m = metrics(tmp_path)
+    assert m["vcpusched_up"][()] == 1
+    assert m["vcpusched_connected"][()] == 1
+    for i in range(4):
+        labels = (("domain", f"vm{i}"), ("vcpu", "0"))
+        assert m["vcpusched_vcpu_pcpu"][labels] == min(host.affinity(VcpuRef(f"vm{i}", 0)))
+    moved = sum(m["vcpusched_pin_changes_total"].values())
+    assert moved == host.pin_changes > 0
+    util = {dict(k)["pcpu"]: v for k, v in m["vcpusched_pcpu_utilization_ratio"].items()}
+    assert util == pytest.approx({"0": 0.5, "1": 0.6}, abs=0.01)
+    assert m["vcpusched_imbalance_ratio"][()] == pytest.approx(0.05, abs=0.01)
+    assert m["vcpusched_domains"][(("state", "managed"),)] == 4
+    assert m["vcpusched_cycle_duration_seconds_count"][()] == 6
+    assert m["vcpusched_cycle_duration_seconds_bucket"][(("le", "+Inf"),)] == 6
+    assert m["vcpusched_last_cycle_timestamp_seconds"][()] > 1.7e9
+    # The wait counters are the host's own, in seconds.
+    waits = m["vcpusched_vcpu_wait_seconds_total"]
+    assert all(v >= 0 for v in waits.values())
+
+
+def test_a_gone_domains_series_go_with_it(tmp_path: Path) -> None:
+    domains = [
+        DomainSpec("short-lived", (constant(30), constant(30)), (ALL, ALL), stop=5.0),
+        DomainSpec("stays", (constant(30),), (ALL,)),
+    ]
+    host = SimHost(2, domains)
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 4)
+    before = metrics(tmp_path)
+    assert (("domain", "short-lived"), ("vcpu", "1")) in before["vcpusched_vcpu_pcpu"]
+    assert before["vcpusched_domains"][(("state", "managed"),)] == 2
+    cycles(runner, host, 3)
+    after = metrics(tmp_path)
+    for name in ("vcpusched_vcpu_pcpu", "vcpusched_vcpu_wait_seconds_total"):
+        assert {dict(k)["domain"] for k in after[name]} == {"stays"}, name
+    assert after["vcpusched_domains"][(("state", "managed"),)] == 1
+    live = json.loads(state.state_path(runner.config.pidfile).read_text())
+    assert {v["domain"] for v in live["vcpus"]} == {"stays"}
+
+
+class _Flaky(SimHost):
+    down = False
+    refuse_pins = False
+
+    def sample(self):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise HostError("cannot connect to test: gone")
+        return super().sample()
+
+    def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:
+        if self.refuse_pins:
+            raise PinError("refused")
+        super().pin(ref, pcpus)
+
+
+def test_disconnection_errors_and_summary(tmp_path: Path) -> None:
+    host = _Flaky(2, [DomainSpec(f"vm{i}", (constant(60),), (frozenset({0}),)) for i in range(2)])
+    host.refuse_pins = True
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 3)
+    m = metrics(tmp_path)
+    assert m["vcpusched_errors_total"][(("operation", "pin"),)] >= 1
+    assert m.get("vcpusched_pin_changes_total", {}) == {}
+    host.down = True
+    cycles(runner, host, 2)
+    m = metrics(tmp_path)
+    assert m["vcpusched_connected"][()] == 0
+    assert m["vcpusched_errors_total"][(("operation", "sample"),)] == 2
+    # Nothing is known of the guests while disconnected: their series are gone, not stale.
+    assert m.get("vcpusched_vcpu_pcpu", {}) == {}
+    assert runner.live is not None
+    assert state.summary(runner.live).startswith("disconnected since ")
+    assert "gone" in state.summary(runner.live)
+    host.down = False
+    cycles(runner, host, 2)
+    assert metrics(tmp_path)["vcpusched_connected"][()] == 1
+
+
+def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
+    host = SimHost(2, [DomainSpec("vm", (constant(30),), (ALL,))])
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"pidfile: {tmp_path}/run/vcpusched.pid\nmetrics: {{textfile_dir: {tmp_path}}}\n"
+    )
+    runner = runner_on(host, tmp_path)
+    runner.config_path = config
+    cycles(runner, host, 3)
+    runner.reload()
+    assert runner.generation == 1
+    assert runner.last_reload is not None and runner.last_reload.accepted
+    config.write_text("interval: 0\n")
+    runner.reload()
+    verdict = runner.last_reload
+    assert verdict is not None and not verdict.accepted and verdict.generation == 1
+    assert verdict.error is not None and "interval" in verdict.error
+    m = metrics(tmp_path)
+    assert m["vcpusched_reloads_total"] == {
+        (("result", "accepted"),): 1,
+        (("result", "rejected"),): 1,
+    }
+    assert m["vcpusched_config_generation"][()] == 1
+    assert runner.live is not None
+    assert "reload rejected at " in state.summary(runner.live)
+
+
+def test_textfile_is_replaced_whole_and_a_failure_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = SimHost(2, [DomainSpec("vm", (constant(30),), (ALL,))])
+    missing = tmp_path / "no-such-dir"
+    runner = runner_on(host, tmp_path, metrics_textfile_dir=missing)
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        cycles(runner, host, 3)
+        missing.mkdir()
+        cycles(runner, host, 1)
+    lines = [r.getMessage() for r in caplog.records if "write-metrics" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("write-metrics-failed path=")
+    assert lines[1].startswith("write-metrics-ok")
+    assert runner.counts.errors["write_metrics"] == 3
+    assert os.listdir(missing) == [TEXTFILE]  # no temporary file left behind
+    assert os.stat(missing / TEXTFILE).st_mode & 0o777 == 0o644
+
+
+def test_the_stopped_agent_leaves_up_0(tmp_path: Path) -> None:
+    host = SimHost(2, [DomainSpec("vm", (constant(30),), (ALL,))])
+    runner = runner_on(host, tmp_path)
+    runner.signals.request_stop("SIGTERM")
+    assert runner.run() == 0
+    m = metrics(tmp_path)
+    assert m["vcpusched_up"][()] == 0
+    assert m["vcpusched_connected"][()] == 0
+
+
+def test_listener_serves_the_same_families(tmp_path: Path) -> None:
+    host = SimHost(2, [DomainSpec("vm", (constant(30),), (ALL,))])
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 3)
+    assert runner.live is not None
+    exporter = Exporter(None, "127.0.0.1:0")
+    exporter.publish(runner.live)
+    assert parse(exporter.text().decode()) == metrics(tmp_path)
+
+
+def series_count(scenario: str, n: int) -> tuple[int, int, int]:
+    """(series, vCPUs, pCPUs) after `n` cycles of the agent on a simulated scenario."""
+    s = SCENARIOS[scenario]
+    host = s.host()
+    exporter = Exporter(None, None)
+    runner = Runner(
+        Config(exclude=s.exclude, cpus=s.cpus),
+        None,
+        {},
+        lambda uri: host,
+        Signals(),
+    )
+    runner.exporter = exporter
+    runner.state_file = Path(os.devnull)
+    for _ in range(n):
+        runner._cycle()
+        host.tick(s.interval)
+    count = sum(len(v) for v in parse(exporter.text().decode()).values())
+    return count, s.vcpus, s.pcpus
+
+
+def test_series_stay_bounded_on_the_large_host(capsys: pytest.CaptureFixture[str]) -> None:
+    count, vcpus, pcpus = series_count("large", 4)
+    with capsys.disabled():
+        print(f"\n[metrics] large: {vcpus} vCPUs on {pcpus} pCPUs -> {count} series")
+    # Two series per vCPU (pin, wait), two per pCPU (utilization, demand), and a fixed few.
+    assert 2 * vcpus + 2 * pcpus <= count <= 2 * vcpus + 2 * pcpus + 60
