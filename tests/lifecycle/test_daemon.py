@@ -234,12 +234,16 @@ def test_status_reads_the_running_daemons_state(tmp_path: Path, agents: list[Age
     assert shown.returncode == 0, shown.stderr
     first = shown.stdout.splitlines()[0]
     assert first.startswith(f"daemon pid {agent.proc.pid}: its state of "), first
-    assert "test/0:" in shown.stdout and "status: balanced: 1 domains" in shown.stdout
+    assert "test/0:" in shown.stdout
+    assert "status: balanced: 1 domains" in shown.stdout
     doc = json.loads(status("--json").stdout)
-    assert doc["source"]["kind"] == "daemon" and doc["pid"] == agent.proc.pid
+    assert doc["source"]["kind"] == "daemon"
+    assert doc["pid"] == agent.proc.pid
     assert doc["source"]["age_seconds"] < 5
     assert {v["domain"] for v in doc["vcpus"]} == {"test"}
-    assert doc["connected"] and doc["running"] and doc["generation"] == 0
+    assert doc["connected"]
+    assert doc["running"]
+    assert doc["generation"] == 0
 
     assert agent.stop() == 0
     alone = status("--interval", "0.2")

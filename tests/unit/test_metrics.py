@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,16 @@ def test_disconnection_errors_and_summary(tmp_path: Path) -> None:
     assert metrics(tmp_path)["vcpusched_connected"][()] == 1
 
 
+@pytest.fixture
+def keep_log_level() -> Iterator[None]:
+    # A reload sets the agent's log level; left at info, later tests would keep every record.
+    logger = logging.getLogger("vcpusched")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_log_level")
 def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
     host = SimHost(2, [DomainSpec("vm", (constant(30),), (ALL,))])
     config = tmp_path / "c.yaml"
@@ -172,12 +183,16 @@ def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
     cycles(runner, host, 3)
     runner.reload()
     assert runner.generation == 1
-    assert runner.last_reload is not None and runner.last_reload.accepted
+    assert runner.last_reload is not None
+    assert runner.last_reload.accepted
     config.write_text("interval: 0\n")
     runner.reload()
     verdict = runner.last_reload
-    assert verdict is not None and not verdict.accepted and verdict.generation == 1
-    assert verdict.error is not None and "interval" in verdict.error
+    assert verdict is not None
+    assert not verdict.accepted
+    assert verdict.generation == 1
+    assert verdict.error is not None
+    assert "interval" in verdict.error
     m = metrics(tmp_path)
     assert m["vcpusched_reloads_total"] == {
         (("result", "accepted"),): 1,

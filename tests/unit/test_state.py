@@ -84,8 +84,10 @@ def test_summary_lines() -> None:
     assert state.summary(down).endswith(": cannot connect")
     rejected = live(last_reload=ReloadState(1_800_000_000.0, False, "interval: bad\nx", 2))
     text = state.summary(rejected)
-    assert text.startswith("balanced: ") and "; reload rejected at " in text
-    assert "\n" not in text and text.endswith("interval: bad x")
+    assert text.startswith("balanced: ")
+    assert "; reload rejected at " in text
+    assert "\n" not in text
+    assert text.endswith("interval: bad x")
     accepted = live(last_reload=ReloadState(1_800_000_000.0, True, None, 3))
     assert "reload" not in state.summary(accepted)
 
