@@ -283,6 +283,8 @@ class Runner:
         self._error: str | None = None
         self._last_cycle: float | None = None
         self._status = ""
+        # What this cycle pinned, after the sample the state is built from.
+        self._pinned: dict[VcpuRef, frozenset[int]] = {}
         # The last failure of each output, logged once until it works again.
         self._output_errors: dict[str, str] = {}
 
@@ -344,6 +346,7 @@ class Runner:
 
     def _cycle(self) -> bool:
         started = time.monotonic()
+        self._pinned = {}
         try:
             applied = self.agent.step()
         except HostError as exc:
@@ -354,6 +357,7 @@ class Runner:
             connected = self._lost(exc)
         else:
             self.counts.count_moves([_move_state(m) for m in applied])
+            self._pinned = {m.ref: frozenset((m.dst,)) for m in applied}
             connected = self._found()
         self.counts.observe_cycle(time.monotonic() - started)
         if connected:
@@ -379,6 +383,7 @@ class Runner:
             demand,
             policy.allowed_pcpus(self.config, online),
             agent.excluded,
+            self._pinned,
         )
         verdict = self.last_reload
         live = state.LiveState(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vcpusched.logs import quote
-from vcpusched.model import HostSample, Snapshot, format_cpus
+from vcpusched.model import HostSample, Snapshot, VcpuRef, format_cpus
 
 # Bumped when a field changes meaning, so that `status` never misreads another version's file.
 FORMAT = 1
@@ -184,8 +184,10 @@ def measured(
     pcpu_demand: Mapping[int, float],
     allowed: frozenset[int],
     excluded: Any,
+    pinned: Mapping[VcpuRef, frozenset[int]] | None = None,
 ) -> tuple[tuple[PcpuState, ...], tuple[VcpuState, ...]]:
-    """The pCPUs and vCPUs of the last sample, with the loads of the last snapshot.
+    """The pCPUs and vCPUs of the last sample, with the loads of the last snapshot and the
+    pins made since the sample (`pinned`), so that a vCPU shows where it is now.
 
     Only what the last sample holds: a domain that went is gone from here, and so from the
     metrics, at once.
@@ -207,13 +209,13 @@ def measured(
     vcpus = []
     for ref, counters in sorted(sample.vcpus.items()):
         load = loads.get(ref)
-        pinned = next(iter(counters.affinity)) if len(counters.affinity) == 1 else None
+        affinity = (pinned or {}).get(ref, counters.affinity)
         vcpus.append(
             VcpuState(
                 domain=ref.domain,
                 vcpu=ref.vcpu,
-                affinity=format_cpus(counters.affinity),
-                pcpu=pinned,
+                affinity=format_cpus(affinity),
+                pcpu=next(iter(affinity)) if len(affinity) == 1 else None,
                 received=None if load is None else round(load.received, 2),
                 demand=None if load is None else round(load.demand, 2),
                 wait_seconds=None if counters.wait_ns is None else counters.wait_ns / 1e9,

@@ -20,9 +20,9 @@ from vcpusched.config import Config
 from vcpusched.host import HostError, PinError
 from vcpusched.metrics import TEXTFILE, Exporter
 from vcpusched.model import VcpuRef
-from vcpusched.scenarios import SCENARIOS
 from vcpusched.service import Runner, Signals
-from vcpusched.sim import DomainSpec, SimHost, constant
+from vcpusched_sim.host import DomainSpec, SimHost, constant
+from vcpusched_sim.scenarios import SCENARIOS
 
 ALL = frozenset({0, 1})
 NAME = re.compile(r"vcpusched_[a-z0-9_]+")
