@@ -119,8 +119,8 @@ def families(state: LiveState) -> list[Metric]:
         labels=["pcpu"],
     )
     for p in state.pcpus:
-        util.add_metric([str(p.pcpu)], p.util / 100.0)
-        demand.add_metric([str(p.pcpu)], p.demand / 100.0)
+        util.add_metric([str(p.pcpu)], _ratio(p.util))
+        demand.add_metric([str(p.pcpu)], _ratio(p.demand))
     out += [util, demand]
     sd = state.sd
     if sd is not None:
@@ -168,6 +168,11 @@ def families(state: LiveState) -> list[Metric]:
         errors.add_metric([operation], n)
     out.append(errors)
     return out
+
+
+def _ratio(percent: float) -> float:
+    # Percentages are kept to 2 decimals; a ratio of 4 reads the same without float residue.
+    return round(percent / 100.0, 4)
 
 
 def _le(bound: float) -> str:

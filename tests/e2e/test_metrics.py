@@ -45,6 +45,7 @@ PREFIX = "lab-e2e-metrics-"
 # cycles: both read the same kernel counters, so what is left is where the windows start and
 # end (the judge samples every 0.5 s), which a busy host cannot widen much over many cycles.
 UTIL_TOLERANCE = 6.0
+LOADS = [50, 30, 20, 10, 10]
 CYCLES = 14  # watched after the start: the agent converges, then holds
 
 Series = dict[str, dict[tuple[tuple[str, str], ...], float]]
@@ -114,6 +115,11 @@ def guests(vmlab: Lab) -> Iterator[str]:
     vmlab.destroy_prefix(PREFIX)
 
 
+def same_pin(pcpu: float, real: frozenset[int]) -> bool:
+    """A pCPU number as the metric gives it (-1: allowed on several) against libvirt's pins."""
+    return len(real) > 1 if pcpu == -1 else real == frozenset({int(pcpu)})
+
+
 def status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*agent_command(), "status", "--config", str(config), *extra],
@@ -126,9 +132,15 @@ def status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_metrics_and_status_match_libvirt_and_proc_stat(
     vmlab: Lab, tmp_path: Path, guests: str
 ) -> None:
-    # Four guests on the first pCPU, one of them excluded, and one that goes mid-run.
-    loads = [50, 30, 20, 10, 10]
-    vmlab.start([GuestSpec(f"{guests}{i}", load=x, pin=PCPUS[0]) for i, x in enumerate(loads)])
+    # Four guests on the first pCPU, one of them excluded, and one left to float (placed by
+    # the agent) that goes mid-run.
+    pins = [PCPUS[0]] * 4 + [None]
+    vmlab.start(
+        [
+            GuestSpec(f"{guests}{i}", load=x, pin=p)
+            for i, (x, p) in enumerate(zip(LOADS, pins, strict=True))
+        ]
+    )
     textfiles = tmp_path / "textfile"
     textfiles.mkdir()
     settings = config_settings(
@@ -158,13 +170,19 @@ def test_metrics_and_status_match_libvirt_and_proc_stat(
             }
             at = time.monotonic()
             for (domain, vcpu), pcpu in status_pins.items():
-                assert judge.pins.pins_at(domain, vcpu, at) == frozenset({pcpu}), (domain, vcpu)
+                real = judge.pins.pins_at(domain, vcpu, at)
+                assert real is not None, (domain, vcpu)
+                assert same_pin(-1 if pcpu is None else pcpu, real), (domain, vcpu, pcpu, real)
             assert live["domains"] == {"managed": 4, "excluded": 1}
 
             # A reload, accepted: counted, and the generation moves on.
             write_config(config, **{**settings, "min_gain": 6})
             agent.signal(signal.SIGHUP)
             agent.wait_for("reload", timeout=10, after=hold_end)
+            # And one rejected: counted too, the old config kept.
+            config.write_text("interval: 0\n")
+            rejected_at = agent.signal(signal.SIGHUP)
+            agent.wait_for("reload", timeout=10, after=rejected_at)
             # The guest that goes takes its series with it.
             vmlab.destroy([f"{guests}4"])
             gone_at = time.monotonic()
@@ -189,7 +207,7 @@ def test_metrics_and_status_match_libvirt_and_proc_stat(
                 if not d["domain"].startswith(guests):
                     continue
                 real = judge.pins.pins_at(d["domain"], int(d["vcpu"]), end + 0.3)
-                if real is not None and real != frozenset({int(pcpu)}):
+                if real is not None and not same_pin(pcpu, real):
                     mismatched.append(f"{d['domain']}/{d['vcpu']} {pcpu} vs {sorted(real)}")
         assert not mismatched, mismatched
 
@@ -237,13 +255,15 @@ def test_metrics_and_status_match_libvirt_and_proc_stat(
         assert mid.value("vcpusched_config_generation") == 0
         assert after_gone.value("vcpusched_config_generation") == 1
         assert after_gone.value("vcpusched_reloads_total", result="accepted") == 1
+        assert after_gone.value("vcpusched_reloads_total", result="rejected") == 1
         gone = f"{guests}4"
         assert gone in mid.per("vcpusched_vcpu_pcpu", "domain")
         assert gone not in after_gone.per("vcpusched_vcpu_pcpu", "domain")
         assert gone not in after_gone.per("vcpusched_vcpu_wait_seconds_total", "domain")
         assert after_gone.value("vcpusched_domains", state="managed") == 3
         assert scrapes[-1].value("vcpusched_up") == 0  # left by the stopped agent
-        assert not agent.problems(), agent.problems()
+        problems = [p for p in agent.problems() if "reload rejected=" not in p]
+        assert not problems, problems
 
         # Keep the run: every file with its time, for the docs' plot.
         kept = vmlab.state / "results" / "metrics-run"
