@@ -269,3 +269,23 @@ def test_series_stay_bounded_on_the_large_host(capsys: pytest.CaptureFixture[str
         print(f"\n[metrics] large: {vcpus} vCPUs on {pcpus} pCPUs -> {count} series")
     # Two series per vCPU (pin, wait), two per pCPU (utilization, demand), and a fixed few.
     assert 2 * vcpus + 2 * pcpus <= count <= 2 * vcpus + 2 * pcpus + 60
+
+
+def test_the_dashboard_asks_only_for_series_the_agent_exports(tmp_path: Path) -> None:
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [a["expr"] for a in dashboard["annotations"]["list"]]
+    queries.append(dashboard["templating"]["list"][1]["query"]["query"])
+    wanted = {name for q in queries for name in NAME.findall(q)}
+    # Every family, including those only seen with a floating vCPU (held back, measuring).
+    host = SimHost(2, [DomainSpec(f"vm{i}", (constant(60),), (ALL,)) for i in range(3)])
+    runner = runner_on(host, tmp_path)
+    cycles(runner, host, 4)
+    runner.counts.count_held({"measuring": 1})
+    runner.publish()
+    exported = set(metrics(tmp_path))
+    assert wanted, "no query found"
+    assert wanted <= exported, wanted - exported
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for subject in ("imbalance", "pin changes", "held back", "cycle time"):
+        assert subject in titles, subject
