@@ -285,6 +285,7 @@ class Runner:
         self._status = ""
         # What this cycle pinned, after the sample the state is built from.
         self._pinned: dict[VcpuRef, frozenset[int]] = {}
+        self._counted: Plan | None = None
         # The last failure of each output, logged once until it works again.
         self._output_errors: dict[str, str] = {}
 
@@ -362,8 +363,10 @@ class Runner:
         self.counts.observe_cycle(time.monotonic() - started)
         if connected:
             self._last_cycle = time.time()
-            _, held, _ = _plan_of(self.agent)
-            self.counts.count_held(held)
+            # Once per plan: a cycle that made none (no baseline yet) leaves the last one.
+            if self.agent.plan is not None and self.agent.plan is not self._counted:
+                self._counted = self.agent.plan
+                self.counts.count_held(self.agent.plan.held)
         self.publish()
         return connected
 

@@ -289,3 +289,25 @@ def test_the_dashboard_asks_only_for_series_the_agent_exports(tmp_path: Path) ->
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for subject in ("imbalance", "pin changes", "held back", "cycle time"):
         assert subject in titles, subject
+
+
+def test_held_back_moves_are_the_plans(tmp_path: Path) -> None:
+    # Floating vCPUs short of time are measured for several cycles before they are placed:
+    # the policy holds them back as `measuring`.
+    host = SimHost(2, [DomainSpec(f"vm{i}", (constant(100),), (ALL,)) for i in range(4)])
+    runner = runner_on(host, tmp_path)
+    expected: dict[str, int] = {}
+    for _ in range(5):
+        runner._cycle()
+        host.tick(1.0)
+        plan = runner.agent.plan
+        if plan is not None:
+            for reason, n in plan.held.items():
+                expected[reason] = expected.get(reason, 0) + n
+    assert expected.get("measuring", 0) > 0, expected
+    m = metrics(tmp_path)
+    total = {dict(k)["reason"]: v for k, v in m["vcpusched_moves_held_back_total"].items()}
+    assert total == expected
+    assert runner.agent.plan is not None
+    last = {dict(k)["reason"]: v for k, v in m["vcpusched_plan_held_back_moves"].items()}
+    assert last == dict(runner.agent.plan.held)
