@@ -12,7 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lifecycle.procs import AGENT, Agent, write_config
 
@@ -250,3 +253,37 @@ def test_status_reads_the_running_daemons_state(tmp_path: Path, agents: list[Age
     assert alone.returncode == 0, alone.stderr
     assert alone.stdout.startswith(f"no daemon running (no {pidfile}): sampled by itself")
     assert "test/0:" in alone.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_metrics_listener_serves_and_a_taken_port_is_one_line(
+    tmp_path: Path, agents: list[Agent]
+) -> None:
+    port = _free_port()
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile, metrics=f'{{listen: "127.0.0.1:{port}"}}')
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("balanced ")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"vcpusched_up", "vcpusched_vcpu_pcpu", "vcpusched_pin_changes"} <= names
+
+    # A second agent (its own pidfile) asking for the same port: refused, one line, exit 1.
+    other = write_config(
+        tmp_path / "d.yaml", tmp_path / "b.pid", metrics=f'{{listen: "127.0.0.1:{port}"}}'
+    )
+    result = subprocess.run(
+        [*AGENT, "run", "--config", str(other)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vcpusched: metrics.listen: cannot listen on 127.0.0.1:{port}")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert agent.stop() == 0
