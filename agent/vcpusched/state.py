@@ -9,8 +9,10 @@ back, or builds the same document from a sample of its own when no daemon runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import statistics
 import tempfile
 import time
@@ -266,8 +268,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write a temporary file in the same directory, then rename it over `path`.
 
     The temporary name starts with a dot and does not end in .prom, so node_exporter's
-    textfile collector never reads a file being written.
+    textfile collector never reads a file being written. Only a regular file is replaced:
+    a configured path that names a device, a directory or a symlink is an error, never
+    something to overwrite (a rename over /dev/null would break the whole host).
     """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EEXIST, f"not a regular file, refusing to replace it: {path}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

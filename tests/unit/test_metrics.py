@@ -242,7 +242,7 @@ def test_listener_serves_the_same_families(tmp_path: Path) -> None:
     assert parse(exporter.text().decode()) == metrics(tmp_path)
 
 
-def series_count(scenario: str, n: int) -> tuple[int, int, int]:
+def series_count(scenario: str, n: int, tmp: Path) -> tuple[int, int, int]:
     """(series, vCPUs, pCPUs) after `n` cycles of the agent on a simulated scenario."""
     s = SCENARIOS[scenario]
     host = s.host()
@@ -255,7 +255,7 @@ def series_count(scenario: str, n: int) -> tuple[int, int, int]:
         Signals(),
     )
     runner.exporter = exporter
-    runner.state_file = Path(os.devnull)
+    runner.state_file = tmp / "state.json"
     for _ in range(n):
         runner._cycle()
         host.tick(s.interval)
@@ -263,8 +263,10 @@ def series_count(scenario: str, n: int) -> tuple[int, int, int]:
     return count, s.vcpus, s.pcpus
 
 
-def test_series_stay_bounded_on_the_large_host(capsys: pytest.CaptureFixture[str]) -> None:
-    count, vcpus, pcpus = series_count("large", 4)
+def test_series_stay_bounded_on_the_large_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    count, vcpus, pcpus = series_count("large", 4, tmp_path)
     with capsys.disabled():
         print(f"\n[metrics] large: {vcpus} vCPUs on {pcpus} pCPUs -> {count} series")
     # Two series per vCPU (pin, wait), two per pCPU (utilization, demand), and a fixed few.
@@ -311,3 +313,23 @@ def test_held_back_moves_are_the_plans(tmp_path: Path) -> None:
     assert runner.agent.plan is not None
     last = {dict(k)["reason"]: v for k, v in m["vcpusched_plan_held_back_moves"].items()}
     assert last == dict(runner.agent.plan.held)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_only_a_regular_file_is_ever_replaced(tmp_path: Path, kind: str) -> None:
+    # A path that is not a regular file (a device such as /dev/null, a directory, a symlink)
+    # is refused and left exactly as it was.
+    target = tmp_path / "vcpusched.prom"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        (tmp_path / "elsewhere").write_text("keep\n")
+        target.symlink_to(tmp_path / "elsewhere")
+    before = os.lstat(target)
+    with pytest.raises(OSError, match="not a regular file"):
+        state.atomic_write(target, b"x")
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
