@@ -53,7 +53,7 @@ def families(state: LiveState) -> list[Metric]:
     )
     gauge(
         "vcpusched_config_generation",
-        "The config in force: 0 at start, one more per accepted reload.",
+        "The config in force: 1 at start, one more per accepted reload.",
         state.generation,
     )
     gauge("vcpusched_interval_seconds", "Seconds between two cycles.", state.interval)

@@ -6,18 +6,31 @@ very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and s
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
+import json
 import logging
 import os
+import stat
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vcpusched import __version__, notify, policy, state, stats
-from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
+from vcpusched.config import (
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load_config,
+    online_problem,
+    override,
+)
+from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
 from vcpusched.metrics import Exporter
@@ -45,6 +58,8 @@ class Agent:
         self.balanced: bool | None = None
         self._dry_plan: list[tuple[VcpuRef, int]] = []
         self.moves_total = 0
+        # Online pCPUs, topology, isolated CPUs and refused pins (see vcpusched.guard).
+        self.host_view = HostView()
         # Failed operations by name, for the metrics (`vcpusched_errors_total`).
         self.failures: dict[str, int] = {}
 
@@ -55,6 +70,7 @@ class Agent:
         self.config = config
         self.balancer.reconfigure(config)
         self.balanced = None
+        self.host_view.forget()  # a refused pin may be allowed now: try it again
 
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
@@ -65,6 +81,7 @@ class Agent:
     def step(self) -> list[Move]:
         """One cycle: sample, compare with the previous sample, plan, pin. Returns the moves."""
         sample = self.host.sample()
+        self.host_view.see(sample)
         self._track_domains(sample)
         before, self.last = self.last, sample
         if before is None:
@@ -72,8 +89,9 @@ class Agent:
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
             return []
+        measured = self.host_view.hold(measured, self.config)
         self.snapshot = measured
-        self.plan = self.balancer.plan(measured, frozenset(sample.pcpu_busy_ns))
+        self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
         moves = list(self.plan.moves)
         if self.config.dry_run:
             self._log_dry_run(moves)
@@ -105,6 +123,7 @@ class Agent:
         if not refs:
             return
         log.info(event("gone", domain=domain, during=during))
+        self.host_view.forget(domain)
         for ref in refs:
             del self.original[ref]
             self.changed.pop(ref, None)
@@ -120,20 +139,12 @@ class Agent:
                 continue
             except PinError as exc:
                 self.failures["pin"] = self.failures.get("pin", 0) + 1
-                log.error(
-                    event(
-                        "pin-failed",
-                        domain=move.ref.domain,
-                        vcpu=move.ref.vcpu,
-                        to=move.dst,
-                        error=str(exc),
-                    )
-                )
+                self.host_view.refuse(move, str(exc))
                 continue
             self.changed[move.ref] = frozenset((move.dst,))
             self.moves_total += 1
             applied.append(move)
-            log.info(_move_line(move))
+            log.info(_move_line(move, node=self.host_view.node_change(move)))
         return applied
 
     def _log_dry_run(self, moves: list[Move]) -> None:
@@ -144,7 +155,7 @@ class Agent:
             return
         self._dry_plan = planned
         for move in moves:
-            log.info(_move_line(move, dry_run=True))
+            log.info(_move_line(move, dry_run=True, node=self.host_view.node_change(move)))
 
     def _log_balance(self, snapshot: Snapshot, moved: bool) -> None:
         if moved:
@@ -153,7 +164,8 @@ class Agent:
         if self.balanced:
             return
         self.balanced = True
-        allowed = policy.allowed_pcpus(self.config, snapshot.util)
+        allowed = policy.allowed_pcpus(self.config, self.host_view.usable(self.config))
+        allowed &= snapshot.util.keys()
         util = [snapshot.util[p] for p in sorted(allowed)]
         log.info(
             event(
@@ -182,14 +194,16 @@ class Agent:
         self.changed.clear()
 
 
-def _move_line(move: Move, dry_run: bool = False) -> str:
+def _move_line(move: Move, dry_run: bool = False, node: str | None = None) -> str:
     fields: dict[str, object] = {
         "domain": move.ref.domain,
         "vcpu": move.ref.vcpu,
         "from": format_cpus(move.src),
         "to": move.dst,
-        "demand": move.demand,
     }
+    if node is not None:
+        fields["node"] = node  # only where the move changes it
+    fields["demand"] = move.demand
     if move.src_demand is not None:
         fields["from_demand"] = move.src_demand
     fields["to_demand"] = move.dst_demand
@@ -216,11 +230,12 @@ class Signals:
         self.wake.set()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReloadVerdict:
-    """What became of the last reload: `generation` is the config's after it."""
+    """What became of the last SIGHUP: `at` is wall-clock time, `generation` the config's
+    generation after it (unchanged when rejected)."""
 
-    at: float  # unix time
+    at: float
     accepted: bool
     error: str | None
     generation: int
@@ -244,6 +259,18 @@ def _move_state(move: Move) -> state.MoveState:
         demand=round(move.demand, 2),
         reason=move.reason or "none",
     )
+
+
+# Beside the pidfile: what `vcpusched reload` waits for (see cli.reload).
+VERDICT_FILE = "reload-verdict.json"
+
+
+class StartError(Exception):
+    """The agent cannot start: libvirt unreachable, or a config this host cannot run."""
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class Runner:
@@ -272,9 +299,15 @@ class Runner:
         self._down_logged = 0.0
         self._failures = 0
         self._connected = False
-        # The config's generation: one more per accepted reload.
-        self.generation = 0
+        # 1 at start, +1 per accepted reload.
+        self.generation = 1
         self.last_reload: ReloadVerdict | None = None
+        self._reloads = 0
+        self._reload_started = 0.0
+        self._started = False
+        self._no_pcpus = False
+        self._watchdog = notify.watchdog_period()
+        self._pinged = 0.0
         self.counts = state.Counts()
         self.exporter = Exporter(config.metrics_textfile_dir, config.metrics_listen)
         self.state_file = state.state_path(config.pidfile)
@@ -289,7 +322,43 @@ class Runner:
         # The last failure of each output, logged once until it works again.
         self._output_errors: dict[str, str] = {}
 
-    def run(self, once: bool = False) -> int:
+    def start(self) -> None:
+        """Log the start and take the first sample; raise StartError if this cannot run.
+
+        Done before READY=1, so that systemd (and the exit code) hear about an unreachable
+        libvirt or a `cpus` set that selects no online pCPU, rather than a log line later.
+        """
+        self._log_start()
+        try:
+            self.agent.step()
+        except HostError as exc:
+            raise StartError(str(exc), unreachable=True) from None
+        online = self._online()
+        problem = online_problem(self.config, online)
+        if problem is not None:
+            source = f"{self.config_path}: " if self.config_path else ""
+            raise StartError(source + problem, unreachable=False)
+        self._connected = True
+        log.info(event("connected", uri=self.config.uri, pcpus=format_cpus(online)))
+        self._started = True
+        self.write_verdict()
+        self.publish()
+
+    def _online(self) -> frozenset[int]:
+        last = self.agent.last
+        return frozenset(last.pcpu_busy_ns) if last is not None else frozenset()
+
+    def _ping(self, force: bool = False) -> None:
+        # Only from the loop itself: a hung libvirt call stops the pings, and systemd
+        # restarts the agent. A thread pinging beside it would hide the hang.
+        if self._watchdog is None:
+            return
+        now = time.monotonic()
+        if force or now - self._pinged >= self._watchdog * 0.9:
+            self._pinged = now
+            notify.watchdog()
+
+    def _log_start(self) -> None:
         cfg = self.config
         log.info(
             event(
@@ -304,28 +373,41 @@ class Runner:
                 dry_run=int(cfg.dry_run),
             )
         )
-        cycles = 0
+
+    def run(self, once: bool = False) -> int:
+        """Cycle until stopped; `start()` first, or this starts without its checks."""
+        if not self._started:
+            self._log_start()
+            self.write_verdict()
+        cycles = 1 if self._started else 0
         next_tick = time.monotonic()
+        if self._started:
+            next_tick += self._delay()
         try:
             while self.signals.stop_signal is None:
+                self._ping(force=True)
                 if self.signals.reload:
                     self.signals.reload = False
                     self.reload()
-                if self._cycle():
-                    cycles += 1
-                elif once:
-                    return 1
-                if once and cycles >= 2:
-                    break
-                next_tick = max(next_tick + self._delay(), time.monotonic())
+                elif next_tick <= time.monotonic():
+                    if self._cycle():
+                        cycles += 1
+                    elif once:
+                        return 1
+                    if once and cycles >= 2:
+                        break
+                    next_tick = max(next_tick + self._delay(), time.monotonic())
                 while self.signals.stop_signal is None and not self.signals.reload:
                     remaining = next_tick - time.monotonic()
                     if remaining <= 0:
                         break
-                    self.signals.wake.wait(remaining)
+                    wait = remaining if self._watchdog is None else min(remaining, self._watchdog)
+                    self.signals.wake.wait(wait)
                     self.signals.wake.clear()
+                    self._ping()
         finally:
             notify.stopping()
+            self.remove_verdict()
             if self.config.restore_on_exit and not self.config.dry_run:
                 self._restore()
             self.host.close()
@@ -379,12 +461,13 @@ class Runner:
         agent.failures.clear()
         moves, held, demand = _plan_of(agent)
         sample = agent.last if self._connected else None
-        online = frozenset(sample.pcpu_busy_ns) if sample is not None else frozenset()
         pcpus, vcpus = state.measured(
             sample,
             agent.snapshot,
             demand,
-            policy.allowed_pcpus(self.config, online),
+            policy.allowed_pcpus(self.config, agent.host_view.usable(self.config))
+            if sample
+            else frozenset(),
             agent.excluded,
             self._pinned,
         )
@@ -472,17 +555,23 @@ class Runner:
             self._down_since_unix = None
             self._error = None
             self._failures = 0
+        self._check_online()
         return True
 
-    def _verdict(self, error: str | None) -> None:
-        accepted = error is None
-        if accepted:
-            self.generation += 1
-        self.counts.reloads["accepted" if accepted else "rejected"] += 1
-        self.last_reload = ReloadVerdict(time.time(), accepted, error, self.generation)
+    def _check_online(self) -> None:
+        # CPUs can go offline under a running agent: say so once, as an error, and keep going
+        # (the policy then has no pCPU to pin to and moves nothing).
+        problem = online_problem(self.config, self._online())
+        if problem is None:
+            self._no_pcpus = False
+        elif not self._no_pcpus:
+            self._no_pcpus = True
+            log.error(event("no-pcpus", error=problem))
 
     def reload(self) -> None:
         notify.reloading()
+        self._reloads += 1
+        self._reload_started = time.monotonic()
         try:
             if self.config_path is None:
                 log.info(event("reload", changed="none", note="no config file"))
@@ -490,6 +579,9 @@ class Runner:
                 return
             try:
                 new = override(load_config(self.config_path), **self.overrides)
+                problem = online_problem(new, self._online()) if self.agent.last else None
+                if problem is not None:
+                    raise ConfigError(str(self.config_path), [problem])
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error(event("reload", rejected=str(self.config_path), error=error))
@@ -506,7 +598,6 @@ class Runner:
                 new = override(new, metrics_listen=self.config.metrics_listen)
             log.info(event("reload", changed=",".join(changes) or "none"))
             self.exporter.textfile_dir = new.metrics_textfile_dir
-            self._verdict(None)
             old, self.config = self.config, new
             logging.getLogger("vcpusched").setLevel(LOG_LEVELS[new.log_level])
             if new.uri != old.uri:
@@ -517,12 +608,62 @@ class Runner:
                 self.agent = agent
             else:
                 self.agent.reconfigure(new)
+            self._verdict(None)
         finally:
             notify.ready()
             # Reflect the verdict at once, not only after the next cycle.
             self._status = ""
             if self.live is not None:
                 self.publish()
+
+    def _verdict(self, error: str | None) -> None:
+        self.counts.reloads["accepted" if error is None else "rejected"] += 1
+        if error is None:
+            self.generation += 1
+        self.last_reload = ReloadVerdict(
+            at=time.time(), accepted=error is None, error=error, generation=self.generation
+        )
+        self.write_verdict()
+
+    def write_verdict(self) -> None:
+        """The verdict file beside the pidfile, replaced atomically: `vcpusched reload`
+        reads it to learn the answer to its SIGHUP."""
+        directory = self.config.pidfile.parent
+        document = {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "reloads": self._reloads,
+            # CLOCK_MONOTONIC is system-wide: the waiter compares it with its own send time.
+            "reload_started": self._reload_started,
+            "last_reload": None if self.last_reload is None else asdict(self.last_reload),
+        }
+        target = directory / VERDICT_FILE
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.lstat(target).st_mode):
+                    # A rename would replace a device or a link: not ours to replace.
+                    raise OSError(errno.EEXIST, f"{target} is not a regular file")
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VERDICT_FILE}.")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(document, handle)
+                    handle.write("\n")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning(event("verdict-unwritten", path=str(directory), error=exc.strerror))
+
+    def remove_verdict(self) -> None:
+        """Remove the verdict file if it is still the one this process wrote."""
+        path = self.config.pidfile.parent / VERDICT_FILE
+        with contextlib.suppress(OSError, ValueError):
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+            if regular and json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
 
     def _restore(self) -> None:
         try:

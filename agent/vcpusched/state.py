@@ -115,7 +115,7 @@ class LiveState:
     pid: int | None  # the daemon's; None when `status` sampled by itself
     written: float  # unix time this document was made
     interval: float
-    generation: int  # the config's: 0 at start, one more per accepted reload
+    generation: int  # the config's: 1 at start, one more per accepted reload
     running: bool  # False in the last document of a daemon that stopped
     connected: bool
     disconnected_since: float | None  # unix time of the first failure of an outage
@@ -355,6 +355,9 @@ def render(state: LiveState) -> str:
         mean = statistics.fmean(p.util for p in allowed)
         cpus = format_cpus(frozenset(p.pcpu for p in allowed))
         lines.append(f"pcpus {cpus}  mean {mean:.1f}%  sd {state.sd or 0.0:.1f}")
+    elif state.pcpus:
+        # A `cpus` set that selects no online pCPU: say so, do not divide by nothing.
+        lines.append("pcpus none: cpus selects no online pCPU of this host")
     if state.pid is not None:
         if state.moves:
             verb = "would make" if state.dry_run else "made"

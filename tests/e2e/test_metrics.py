@@ -252,8 +252,8 @@ def test_metrics_and_status_match_libvirt_and_proc_stat(
         assert mid.value("vcpusched_connected") == 1
         assert mid.value("vcpusched_domains", state="managed") == 4
         assert mid.value("vcpusched_domains", state="excluded") == 1
-        assert mid.value("vcpusched_config_generation") == 0
-        assert after_gone.value("vcpusched_config_generation") == 1
+        assert mid.value("vcpusched_config_generation") == 1
+        assert after_gone.value("vcpusched_config_generation") == 2
         assert after_gone.value("vcpusched_reloads_total", result="accepted") == 1
         assert after_gone.value("vcpusched_reloads_total", result="rejected") == 1
         gone = f"{guests}4"

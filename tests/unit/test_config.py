@@ -51,7 +51,7 @@ def test_values_and_coercions() -> None:
     [
         ({"interval": 0}, "interval: must be at least 0.1 and at most 3600, got 0"),
         ({"interval": "fast"}, "interval: expected a number, got 'fast'"),
-        ({"interval": True}, "interval: expected a number, got True"),
+        ({"interval": True}, "interval: expected a number, got true"),
         (
             {"thresholds": {"high": 150}},
             "thresholds.high: must be above 0 and at most 100, got 150",
@@ -157,7 +157,7 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad.yaml"
     bad.write_text("interval: 3\nthresholds: {low: 95}\nextra: 1\n")
     bad.chmod(0o644)
-    assert main(["check-config", str(bad)]) == 1
+    assert main(["check-config", str(bad)]) == 3
     err = capsys.readouterr().err.splitlines()
     assert (
         err
@@ -185,3 +185,16 @@ def test_metrics_keys() -> None:
     assert listen_address("[::1]:9101") == ("::1", 9101)
     assert listen_address("127.0.0.1:9101") == ("127.0.0.1", 9101)
     assert validate({"metrics": None}) == Config()
+
+
+def test_ctrl_c_during_check_config_is_quiet_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vcpusched.cli as cli
+
+    def interrupted(*_args: object, **_kwargs: object) -> Config:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    assert main(["check-config", str(tmp_path / "c.yaml")]) == 130
+    assert capsys.readouterr() == ("", "")

@@ -182,7 +182,7 @@ def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
     runner.config_path = config
     cycles(runner, host, 3)
     runner.reload()
-    assert runner.generation == 1
+    assert runner.generation == 2
     assert runner.last_reload is not None
     assert runner.last_reload.accepted
     config.write_text("interval: 0\n")
@@ -190,7 +190,7 @@ def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
     verdict = runner.last_reload
     assert verdict is not None
     assert not verdict.accepted
-    assert verdict.generation == 1
+    assert verdict.generation == 2
     assert verdict.error is not None
     assert "interval" in verdict.error
     m = metrics(tmp_path)
@@ -198,7 +198,7 @@ def test_reload_verdicts_are_counted(tmp_path: Path) -> None:
         (("result", "accepted"),): 1,
         (("result", "rejected"),): 1,
     }
-    assert m["vcpusched_config_generation"][()] == 1
+    assert m["vcpusched_config_generation"][()] == 2
     assert runner.live is not None
     assert "reload rejected at " in state.summary(runner.live)
 
