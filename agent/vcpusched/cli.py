@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ from typing import Any
 
 import yaml
 
-from vcpusched import __version__, policy, stats
+from vcpusched import __version__, policy, state, stats
 from vcpusched.config import DEFAULT_PATH, Config, ConfigError, load_config, override
 from vcpusched.host import Host, HostError
-from vcpusched.model import Snapshot, Vcpu, format_cpus
 from vcpusched.pidfile import PidfileError, check_directory, open_regular
 
 PROG = "vcpusched"
@@ -122,11 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
 
-    status = sub.add_parser("status", help="sample once and print each pCPU with its vCPUs")
+    status = sub.add_parser(
+        "status",
+        help="the running daemon's state (or a sample of its own): each pCPU with its vCPUs",
+    )
     status.add_argument("-c", "--config", type=Path, help=f"config file (default {DEFAULT_PATH})")
     status.add_argument(
-        "-i", "--interval", type=_positive, help="seconds to sample over (default: the config's)"
+        "-i",
+        "--interval",
+        type=_positive,
+        help="seconds to sample over when no daemon runs (default: the config's)",
     )
+    status.add_argument("--json", action="store_true", help="print the state as JSON")
 
     reload = sub.add_parser(
         "reload",
@@ -195,7 +200,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.path, args.quiet)
     if args.command == "status":
-        return status(args.config, args.interval)
+        return status(args.config, args.interval, args.json)
     if args.command == "reload":
         return reload(args)
     return run(args)
@@ -292,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"cannot open the log: {exc}")
         runner = Runner(config, path, overrides, _host, signals)
         try:
+            runner.exporter.start()
+        except OSError as exc:
+            return _fail(
+                f"metrics.listen: cannot listen on {config.metrics_listen}: {exc.strerror or exc}"
+                " (under systemd the unit needs the network drop-in in the README)"
+            )
+        try:
             runner.start()
         except StartError as exc:
             return _fail(str(exc), EXIT_UNREACHABLE if exc.unreachable else EXIT_CONFIG)
@@ -372,60 +384,71 @@ def _read_verdict(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def status(path: Path | None, interval: float | None) -> int:
-
+def status(path: Path | None, interval: float | None, as_json: bool = False) -> int:
+    """The running daemon's state when one runs (read from its state file), else a sample."""
     try:
         config, _ = _load(path)
     except ConfigError as exc:
         return _config_failed(exc)
     config = override(config, interval=interval)
+    try:
+        live, age = state.read_running(config.pidfile)
+        source: dict[str, Any] = {"kind": "daemon", "pid": live.pid, "age_seconds": round(age, 3)}
+        header = (
+            f"daemon pid {live.pid}: its state of {age:.1f} s ago "
+            f"(config generation {live.generation})"
+        )
+    except state.StateUnavailable as exc:
+        note = str(exc)
+        try:
+            live = sample_state(config)
+        except HostError as host_exc:
+            return _fail(f"{note}; sampling: {host_exc}", EXIT_UNREACHABLE)
+        except ValueError as value_exc:
+            return _fail(f"{note}; sampling: {value_exc}")
+        source = {"kind": "sample", "note": note, "seconds": config.interval}
+        header = f"{note}: sampled by itself over {config.interval:g} s"
+    if as_json:
+        print(json.dumps({"source": source, **live.as_json()}, indent=2, sort_keys=True))
+    else:
+        print(header)
+        print(state.render(live))
+    return 0
+
+
+def sample_state(config: Config) -> state.LiveState:
+    """A LiveState from two samples of our own, one interval apart (no plan: no daemon)."""
     host = _host(config.uri)
     try:
         first = host.sample()
         time.sleep(config.interval)
         second = host.sample()
-    except HostError as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
     finally:
         host.close()
-    snapshot = stats.snapshot(
-        first, second, lambda d: any(fnmatch.fnmatchcase(d, p) for p in config.exclude)
-    )
+
+    def excluded(domain: str) -> bool:
+        return any(fnmatch.fnmatchcase(domain, p) for p in config.exclude)
+
+    snapshot = stats.snapshot(first, second, excluded)
     if snapshot is None:
-        return _fail("clock did not advance between samples")
+        raise ValueError("clock did not advance between samples")
     allowed = policy.allowed_pcpus(config, snapshot.util)
-    print(render_status(snapshot, allowed))
-    return 0
-
-
-def render_status(snapshot: Snapshot, allowed: frozenset[int]) -> str:
-    demand = policy.pcpu_demand(snapshot)
-    by_pcpu: dict[int | None, list[Vcpu]] = {}
-    for vcpu in snapshot.vcpus:
-        by_pcpu.setdefault(vcpu.pcpu, []).append(vcpu)
-    lines = [f"{'pcpu':>4} {'util%':>6} {'demand%':>8}  vcpus (domain/vcpu received%)"]
-    for pcpu in sorted(snapshot.util):
-        mark = "" if pcpu in allowed else " (not in cpus)"
-        members = " ".join(_vcpu_text(v) for v in by_pcpu.get(pcpu, []))
-        lines.append(
-            f"{pcpu:>4} {snapshot.util[pcpu]:>6.1f} {demand[pcpu]:>8.1f}  {members or '-'}{mark}"
-        )
-    floating = by_pcpu.get(None, [])
-    if floating:
-        lines.append("unpinned: " + " ".join(_vcpu_text(v) for v in floating))
-    util = [snapshot.util[p] for p in sorted(allowed)]
-    if any(v.excluded for v in snapshot.vcpus):
-        lines.append("* excluded: never re-pinned, demand still counted")
-    if not util:
-        # A `cpus` set that selects no online pCPU: say so, do not divide by nothing.
-        lines.append("pcpus none: cpus selects no online pCPU of this host")
-    else:
-        sd = statistics.pstdev(util)
-        lines.append(
-            f"pcpus {format_cpus(allowed)}  mean {statistics.fmean(util):.1f}%  sd {sd:.1f}"
-        )
-    return "\n".join(lines)
-
-
-def _vcpu_text(vcpu: Vcpu) -> str:
-    return f"{vcpu.ref}{'*' if vcpu.excluded else ''}:{vcpu.received:.0f}"
+    pcpus, vcpus = state.measured(second, snapshot, policy.pcpu_demand(snapshot), allowed, excluded)
+    return state.LiveState(
+        version=__version__,
+        pid=None,
+        written=time.time(),
+        interval=config.interval,
+        generation=0,
+        running=True,
+        connected=True,
+        disconnected_since=None,
+        error=None,
+        last_reload=None,
+        last_cycle=time.time(),
+        pcpus=pcpus,
+        vcpus=vcpus,
+        moves=(),
+        held={},
+        dry_run=config.dry_run,
+    )

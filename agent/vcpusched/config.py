@@ -6,6 +6,7 @@ command accepts is exactly a file the agent runs with.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -72,6 +73,9 @@ class Config:
     restore_on_exit: bool = False
     log_level: str = "info"
     syslog_facility: str = "daemon"
+    # Prometheus metrics: a node_exporter textfile directory and/or a local listener.
+    metrics_textfile_dir: Path | None = None
+    metrics_listen: str | None = None
 
     def as_document(self) -> dict[str, Any]:
         """The config in the file's own shape, for `check-config` and the sample file."""
@@ -87,6 +91,12 @@ class Config:
             "restore_on_exit": self.restore_on_exit,
             "log_level": self.log_level,
             "syslog_facility": self.syslog_facility,
+            "metrics": {
+                "textfile_dir": None
+                if self.metrics_textfile_dir is None
+                else str(self.metrics_textfile_dir),
+                "listen": self.metrics_listen,
+            },
         }
 
     def changes(self, new: Config) -> list[str]:
@@ -275,6 +285,41 @@ def _path(value: Any) -> Path:
     raise vol.Invalid(f"expected an absolute path, got {_show(value)}")
 
 
+def _optional_path(value: Any) -> Path | None:
+    return None if value is None else _path(value)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """Split "127.0.0.1:9101" or "[::1]:9101" into (address, port). Raises ValueError.
+
+    Only IP literals: a name would need a resolver, and the listener is meant to be local.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'expected an address such as "127.0.0.1:9101", got {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address before the port, got {text!r}") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535 after the address, got {text!r}")
+    return str(address), int(port_text)
+
+
+def _listen(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise vol.Invalid(f'expected an address such as "127.0.0.1:9101", got {value!r}')
+    try:
+        listen_address(value)
+    except ValueError as exc:
+        raise vol.Invalid(str(exc)) from None
+    return value
+
+
 def _choice(options: tuple[str, ...] | dict[str, int]) -> Any:
     def check(value: Any) -> str:
         if isinstance(value, str) and value.lower() in options:
@@ -293,6 +338,23 @@ THRESHOLDS_SCHEMA = vol.Schema(
         vol.Optional("low", default=_DEFAULT.low): _number(0, 100, lo_open=True),
     }
 )
+
+
+METRICS_SCHEMA = vol.Schema(
+    {
+        vol.Optional("textfile_dir", default=None): _optional_path,
+        vol.Optional("listen", default=None): _listen,
+    }
+)
+
+
+def _metrics(value: Any) -> dict[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected a mapping of textfile_dir and listen")
+    result: dict[str, Any] = METRICS_SCHEMA(value)
+    return result
 
 
 def _thresholds(value: Any) -> dict[str, float]:
@@ -319,6 +381,7 @@ CONFIG_SCHEMA = vol.Schema(
         vol.Optional("syslog_facility", default=_DEFAULT.syslog_facility): _choice(
             SYSLOG_FACILITIES
         ),
+        vol.Optional("metrics", default={}): _metrics,
     }
 )
 
@@ -381,6 +444,8 @@ def validate(document: Any, source: str = "<config>") -> Config:
         restore_on_exit=data["restore_on_exit"],
         log_level=data["log_level"],
         syslog_facility=data["syslog_facility"],
+        metrics_textfile_dir=data["metrics"]["textfile_dir"],
+        metrics_listen=data["metrics"]["listen"],
     )
 
 

@@ -31,6 +31,14 @@ _FILES = (
         "/run/vcpusched/reload-verdict.json",
         "the running agent's answer to its last SIGHUP, read by vcpusched reload",
     ),
+    (
+        "/run/vcpusched/vcpusched.state.json",
+        "the running agent's live state, rewritten every cycle, read by vcpusched status",
+    ),
+    (
+        "/var/lib/prometheus/node-exporter/vcpusched.prom",
+        "its Prometheus metrics, when metrics.textfile_dir names that directory",
+    ),
 )
 
 

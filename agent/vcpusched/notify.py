@@ -24,7 +24,7 @@ def notify(*states: str) -> bool:
 
 
 def ready() -> bool:
-    return notify("READY=1", "STATUS=balancing")
+    return notify("READY=1")
 
 
 def reloading() -> bool:
@@ -52,3 +52,8 @@ def watchdog_period() -> float | None:
 
 def watchdog() -> bool:
     return notify("WATCHDOG=1")
+
+
+def status(text: str) -> bool:
+    """STATUS=: one line that `systemctl status` shows (see `state.summary`)."""
+    return notify(f"STATUS={' '.join(text.split())}")

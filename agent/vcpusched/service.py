@@ -17,11 +17,11 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vcpusched import __version__, notify, policy, stats
+from vcpusched import __version__, notify, policy, state, stats
 from vcpusched.config import (
     LOG_LEVELS,
     Config,
@@ -33,6 +33,7 @@ from vcpusched.config import (
 from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
+from vcpusched.metrics import Exporter
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
 
 log = logging.getLogger("vcpusched")
@@ -59,6 +60,8 @@ class Agent:
         self.moves_total = 0
         # Online pCPUs, topology, isolated CPUs and refused pins (see vcpusched.guard).
         self.host_view = HostView()
+        # Failed operations by name, for the metrics (`vcpusched_errors_total`).
+        self.failures: dict[str, int] = {}
 
     def excluded(self, domain: str) -> bool:
         return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
@@ -72,6 +75,7 @@ class Agent:
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
         self.last = None
+        self.plan = None
         self.balancer.forget()
 
     def step(self) -> list[Move]:
@@ -134,6 +138,7 @@ class Agent:
                 self._forget(move.ref.domain, during="pin")
                 continue
             except PinError as exc:
+                self.failures["pin"] = self.failures.get("pin", 0) + 1
                 self.host_view.refuse(move, str(exc))
                 continue
             self.changed[move.ref] = frozenset((move.dst,))
@@ -182,6 +187,7 @@ class Agent:
             except DomainGone:
                 continue
             except PinError as exc:
+                self.failures["restore"] = self.failures.get("restore", 0) + 1
                 log.error(event("restore-failed", domain=ref.domain, vcpu=ref.vcpu, error=str(exc)))
                 continue
             log.info(event("restore", domain=ref.domain, vcpu=ref.vcpu, to=format_cpus(pcpus)))
@@ -235,6 +241,26 @@ class ReloadVerdict:
     generation: int
 
 
+def _plan_of(agent: Agent) -> tuple[Sequence[Move], Mapping[str, int], Mapping[int, float]]:
+    """The last plan's moves, what it held back by reason, and its pCPU demands."""
+    plan = agent.plan
+    if plan is None:
+        return (), {}, {}
+    return plan.moves, plan.held, plan.pcpu_demand
+
+
+def _move_state(move: Move) -> state.MoveState:
+    return state.MoveState(
+        kind=move.kind,
+        domain=move.ref.domain,
+        vcpu=move.ref.vcpu,
+        src=format_cpus(move.src),
+        dst=move.dst,
+        demand=round(move.demand, 2),
+        reason=move.reason or "none",
+    )
+
+
 # Beside the pidfile: what `vcpusched reload` waits for (see cli.reload).
 VERDICT_FILE = "reload-verdict.json"
 
@@ -248,7 +274,11 @@ class StartError(Exception):
 
 
 class Runner:
-    """The daemon loop: a cycle every interval, reconnecting and reloading as needed."""
+    """The daemon loop: a cycle every interval, reconnecting and reloading as needed.
+
+    After each cycle it publishes the live state (`vcpusched.state`): the state file beside
+    the pidfile, the metrics, and systemd's STATUS=.
+    """
 
     def __init__(
         self,
@@ -278,6 +308,19 @@ class Runner:
         self._no_pcpus = False
         self._watchdog = notify.watchdog_period()
         self._pinged = 0.0
+        self.counts = state.Counts()
+        self.exporter = Exporter(config.metrics_textfile_dir, config.metrics_listen)
+        self.state_file = state.state_path(config.pidfile)
+        self.live: state.LiveState | None = None
+        self._down_since_unix: float | None = None
+        self._error: str | None = None
+        self._last_cycle: float | None = None
+        self._status = ""
+        # What this cycle pinned, after the sample the state is built from.
+        self._pinned: dict[VcpuRef, frozenset[int]] = {}
+        self._counted: Plan | None = None
+        # The last failure of each output, logged once until it works again.
+        self._output_errors: dict[str, str] = {}
 
     def start(self) -> None:
         """Log the start and take the first sample; raise StartError if this cannot run.
@@ -299,6 +342,7 @@ class Runner:
         log.info(event("connected", uri=self.config.uri, pcpus=format_cpus(online)))
         self._started = True
         self.write_verdict()
+        self.publish()
 
     def _online(self) -> frozenset[int]:
         last = self.agent.last
@@ -367,6 +411,7 @@ class Runner:
             if self.config.restore_on_exit and not self.config.dry_run:
                 self._restore()
             self.host.close()
+            self.publish(running=False)
             log.info(
                 event(
                     "stop", signal=self.signals.stop_signal or "none", moves=self.agent.moves_total
@@ -383,27 +428,117 @@ class Runner:
         return min(backoff, 2 * self.config.interval)
 
     def _cycle(self) -> bool:
+        started = time.monotonic()
+        self._pinned = {}
         try:
-            self.agent.step()
+            applied = self.agent.step()
         except HostError as exc:
-            now = time.monotonic()
-            self._failures += 1
-            self.agent.forget_sample()
-            if self._down_since is None:
-                self._down_since = self._down_logged = now
-                log.warning(event("disconnected", uri=self.config.uri, error=str(exc)))
-            elif now - self._down_logged >= 60:
-                self._down_logged = now
-                log.warning(
-                    event(
-                        "still-disconnected",
-                        uri=self.config.uri,
-                        seconds=round(now - self._down_since),
-                        error=str(exc),
-                    )
+            self.counts.error("sample")
+            self._error = str(exc)
+            if self._down_since_unix is None:
+                self._down_since_unix = time.time()
+            connected = self._lost(exc)
+        else:
+            self.counts.count_moves([_move_state(m) for m in applied])
+            self._pinned = {m.ref: frozenset((m.dst,)) for m in applied}
+            connected = self._found()
+        self.counts.observe_cycle(time.monotonic() - started)
+        if connected:
+            self._last_cycle = time.time()
+            # Once per plan: a cycle that made none (no baseline yet) leaves the last one.
+            if self.agent.plan is not None and self.agent.plan is not self._counted:
+                self._counted = self.agent.plan
+                self.counts.count_held(self.agent.plan.held)
+        self.publish()
+        return connected
+
+    def publish(self, running: bool = True) -> state.LiveState:
+        """Rebuild the live state from the agent's, and hand it to every output."""
+        agent = self.agent
+        for operation, n in agent.failures.items():
+            # The agent counts its own; a new agent (after a URI change) starts again at 0.
+            self.counts.errors[operation] = self.counts.errors.get(operation, 0) + n
+        agent.failures.clear()
+        moves, held, demand = _plan_of(agent)
+        sample = agent.last if self._connected else None
+        pcpus, vcpus = state.measured(
+            sample,
+            agent.snapshot,
+            demand,
+            policy.allowed_pcpus(self.config, agent.host_view.usable(self.config))
+            if sample
+            else frozenset(),
+            agent.excluded,
+            self._pinned,
+        )
+        verdict = self.last_reload
+        live = state.LiveState(
+            version=__version__,
+            pid=os.getpid(),
+            written=time.time(),
+            interval=self.config.interval,
+            generation=self.generation,
+            running=running,
+            connected=self._connected,
+            disconnected_since=None if self._connected else self._down_since_unix,
+            error=None if self._connected else self._error,
+            last_reload=None
+            if verdict is None
+            else state.ReloadState(verdict.at, verdict.accepted, verdict.error, verdict.generation),
+            last_cycle=self._last_cycle,
+            pcpus=pcpus,
+            vcpus=vcpus,
+            moves=tuple(_move_state(m) for m in moves) if sample is not None else (),
+            held=dict(held) if sample is not None else {},
+            dry_run=self.config.dry_run,
+            counts=self.counts,
+        )
+        self.live = live
+        self._output("write_state", self.state_file, lambda: state.write(self.state_file, live))
+        self._output(
+            "write_metrics", self.exporter.textfile_dir, lambda: self.exporter.publish(live)
+        )
+        text = state.summary(live)
+        if running and text != self._status:
+            self._status = text
+            notify.status(text)
+        return live
+
+    def _output(self, operation: str, where: object, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            self.counts.error(operation)
+            # strerror, not str(exc): the latter names a temporary file, new each cycle.
+            message = exc.strerror or str(exc)
+            if self._output_errors.get(operation) != message:
+                self._output_errors[operation] = message
+                log.error(event(f"{operation.replace('_', '-')}-failed", path=where, error=message))
+            return
+        if self._output_errors.pop(operation, None) is not None:
+            log.info(event(f"{operation.replace('_', '-')}-ok", path=where))
+
+    def _lost(self, exc: HostError) -> bool:
+        now = time.monotonic()
+        self._failures += 1
+        self.agent.forget_sample()
+        if self._down_since is None:
+            self._down_since = self._down_logged = now
+            log.warning(event("disconnected", uri=self.config.uri, error=str(exc)))
+        elif now - self._down_logged >= 60:
+            self._down_logged = now
+            log.warning(
+                event(
+                    "still-disconnected",
+                    uri=self.config.uri,
+                    seconds=round(now - self._down_since),
+                    error=str(exc),
                 )
-            self._connected = False
-            return False
+            )
+        self._connected = False
+        return False
+
+    def _found(self) -> bool:
         if not self._connected:
             self._connected = True
             down = None if self._down_since is None else time.monotonic() - self._down_since
@@ -417,6 +552,8 @@ class Runner:
                 )
             )
             self._down_since = None
+            self._down_since_unix = None
+            self._error = None
             self._failures = 0
         self._check_online()
         return True
@@ -454,7 +591,13 @@ class Runner:
             if new.pidfile != self.config.pidfile:
                 log.warning(event("reload", ignored="pidfile", note="takes effect on restart"))
                 new = override(new, pidfile=self.config.pidfile)
+            if new.metrics_listen != self.config.metrics_listen:
+                log.warning(
+                    event("reload", ignored="metrics.listen", note="takes effect on restart")
+                )
+                new = override(new, metrics_listen=self.config.metrics_listen)
             log.info(event("reload", changed=",".join(changes) or "none"))
+            self.exporter.textfile_dir = new.metrics_textfile_dir
             old, self.config = self.config, new
             logging.getLogger("vcpusched").setLevel(LOG_LEVELS[new.log_level])
             if new.uri != old.uri:
@@ -468,8 +611,13 @@ class Runner:
             self._verdict(None)
         finally:
             notify.ready()
+            # Reflect the verdict at once, not only after the next cycle.
+            self._status = ""
+            if self.live is not None:
+                self.publish()
 
     def _verdict(self, error: str | None) -> None:
+        self.counts.reloads["accepted" if error is None else "rejected"] += 1
         if error is None:
             self.generation += 1
         self.last_reload = ReloadVerdict(

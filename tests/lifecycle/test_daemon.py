@@ -6,12 +6,16 @@ agent does to real guests is proven in tests/e2e against a real libvirtd.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lifecycle.procs import AGENT, Agent, write_config
 
@@ -80,20 +84,49 @@ def test_bad_config_at_start_is_one_line_and_exit_3(tmp_path: Path) -> None:
     )
 
 
+def _next(sock: socket.socket, statuses: list[str]) -> bytes:
+    """The next datagram that is not a STATUS= update; those go to `statuses`."""
+    while True:
+        message = sock.recv(4096)
+        if not message.startswith(b"STATUS="):
+            return message
+        statuses.append(message.decode().removeprefix("STATUS="))
+
+
+def _status_with(sock: socket.socket, statuses: list[str], needle: str) -> str:
+    while not any(needle in s for s in statuses):
+        message = sock.recv(4096)
+        assert message.startswith(b"STATUS="), message
+        statuses.append(message.decode().removeprefix("STATUS="))
+    return next(s for s in statuses if needle in s)
+
+
 def test_readiness_and_reload_notifications(tmp_path: Path, agents: list[Agent]) -> None:
     address = str(tmp_path / "notify.sock")
+    statuses: list[str] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(15)
-        config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+        pidfile = tmp_path / "a.pid"
+        config = write_config(tmp_path / "c.yaml", pidfile)
         agent = Agent(["run", "--config", str(config)], env={"NOTIFY_SOCKET": address})
         agents.append(agent)
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert _next(sock, statuses) == b"READY=1"
+        # The test driver's one domain, "test", and its sd, once a cycle has measured it.
+        assert "balanced: 1 domains, sd " in _status_with(sock, statuses, "balanced")
         agent.proc.send_signal(signal.SIGHUP)
-        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert _next(sock, statuses).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert _next(sock, statuses) == b"READY=1"
+
+        config.write_text(f"uri: test:///default\npidfile: {pidfile}\ninterval: 0\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert _next(sock, statuses).startswith(b"RELOADING=1")
+        assert _next(sock, statuses) == b"READY=1"
+        rejected = _status_with(sock, statuses, "reload rejected")
+        assert rejected.endswith("interval: must be at least 0.1 and at most 3600, got 0")
+        assert rejected.startswith("balanced: 1 domains")
         agent.proc.send_signal(signal.SIGTERM)
-        assert sock.recv(4096) == b"STOPPING=1"
+        assert _next(sock, statuses) == b"STOPPING=1"
         assert agent.stop() == 0
 
 
@@ -217,6 +250,77 @@ def test_dry_run_pins_nothing_and_says_so(tmp_path: Path) -> None:
     places = [line for line in result.stderr.splitlines() if " place " in line]
     assert len(places) == 2
     assert all(line.endswith(" dry_run=1") for line in places)
+
+
+def test_status_reads_the_running_daemons_state(tmp_path: Path, agents: list[Agent]) -> None:
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile)
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("balanced ")
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*AGENT, "status", "--config", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    shown = status()
+    assert shown.returncode == 0, shown.stderr
+    first = shown.stdout.splitlines()[0]
+    assert first.startswith(f"daemon pid {agent.proc.pid}: its state of "), first
+    assert "test/0:" in shown.stdout
+    assert "status: balanced: 1 domains" in shown.stdout
+    doc = json.loads(status("--json").stdout)
+    assert doc["source"]["kind"] == "daemon"
+    assert doc["pid"] == agent.proc.pid
+    assert doc["source"]["age_seconds"] < 5
+    assert {v["domain"] for v in doc["vcpus"]} == {"test"}
+    assert doc["connected"]
+    assert doc["running"]
+    assert doc["generation"] == 1
+
+    assert agent.stop() == 0
+    alone = status("--interval", "0.2")
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.startswith(f"no daemon running (no {pidfile}): sampled by itself")
+    assert "test/0:" in alone.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_metrics_listener_serves_and_a_taken_port_is_one_line(
+    tmp_path: Path, agents: list[Agent]
+) -> None:
+    port = _free_port()
+    pidfile = tmp_path / "a.pid"
+    config = write_config(tmp_path / "c.yaml", pidfile, metrics=f'{{listen: "127.0.0.1:{port}"}}')
+    agent = Agent(["run", "--config", str(config)])
+    agents.append(agent)
+    agent.wait_for("balanced ")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"vcpusched_up", "vcpusched_vcpu_pcpu", "vcpusched_pin_changes"} <= names
+
+    # A second agent (its own pidfile) asking for the same port: refused, one line, exit 1.
+    other = write_config(
+        tmp_path / "d.yaml", tmp_path / "b.pid", metrics=f'{{listen: "127.0.0.1:{port}"}}'
+    )
+    result = subprocess.run(
+        [*AGENT, "run", "--config", str(other)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vcpusched: metrics.listen: cannot listen on 127.0.0.1:{port}")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert agent.stop() == 0
 
 
 def _reload(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:

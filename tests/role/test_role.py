@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.role.fixtures import TIMINGS, Target, build_wheels, config_document, local_sha256
 from tests.role.playbook import REPO, PlayRun
@@ -357,3 +358,59 @@ def test_watchdog_restarts_a_hung_agent(target: Target) -> None:
     run = target.play(variables, label="after the watchdog test (idempotence)")
     assert_ok(run)
     assert run.recap["changed"] == 0, run.changed_steps()
+
+
+def test_metrics_status_and_status_text_under_the_sandbox(target: Target) -> None:
+    """Metrics on: the textfile lands in Debian's node_exporter directory (which the unit
+    allows), the listener answers on loopback through the role's drop-in, `vcpusched status`
+    reads the sandboxed daemon's state, and systemd shows the agent's STATUS= line."""
+    variables = target.require_converged()
+    textfile = "/var/lib/prometheus/node-exporter/vcpusched.prom"
+    target.sh(f"mkdir -p {textfile.rsplit('/', 1)[0]}")
+    metrics = {
+        **variables,
+        "vcpusched_metrics_textfile_dir": textfile.rsplit("/", 1)[0],
+        "vcpusched_metrics_listen": "127.0.0.1:9477",
+    }
+    run = target.play(metrics, label="metrics on")
+    assert_ok(run)
+    assert run.statuses("Install the metrics drop-in") == ["changed"], run.summary()
+    assert run.statuses(RESTART, "handler") == ["changed"], run.summary()
+    pid = target.main_pid()
+    target.wait_for_line(pid, r"^connected uri=qemu:///system\b")
+    deadline = time.monotonic() + 30
+    while "vcpusched_last_cycle_timestamp_seconds" not in target.sh(f"cat {textfile} || true"):
+        assert time.monotonic() < deadline, target.journal(pid)
+        time.sleep(0.5)
+    from_file = parse_metrics(target.sh(f"cat {textfile}"))
+    assert from_file["vcpusched_up"] == 1
+    assert from_file["vcpusched_connected"] == 1
+    assert target.sh(f"stat -c '%a' {textfile}").strip() == "644"
+    scraped = target.sh(
+        "python3 -c 'import urllib.request as u; "
+        'print(u.urlopen("http://127.0.0.1:9477/metrics", timeout=10).read().decode())\''
+    )
+    assert set(parse_metrics(scraped)) == set(from_file)
+
+    shown = target.sh("/opt/vcpusched/bin/vcpusched status")
+    assert shown.startswith(f"daemon pid {pid}: its state of "), shown
+    status_text = target.sh("systemctl show -p StatusText --value vcpusched").strip()
+    assert re.match(r"^(balanced|moving|would move): .*\d+ domains", status_text), status_text
+
+    # Metrics off again: the drop-in goes, the agent restarts inside the full sandbox.
+    run = target.play(variables, label="metrics off")
+    assert_ok(run)
+    assert run.statuses("Remove the metrics drop-in the config no longer needs") == ["changed"]
+    dropin = "/etc/systemd/system/vcpusched.service.d/metrics.conf"
+    assert target.sh(f"test -e {dropin} || echo gone").strip() == "gone"
+    assert target.service()["ActiveState"] == "active"
+    target.converged = variables
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """{sample name: value} of the unlabelled samples, and the sample names of the others."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = sample.value if not sample.labels else out.get(sample.name, 0)
+    return out

@@ -25,6 +25,9 @@ KEYS = [
     "restore_on_exit",
     "log_level",
     "syslog_facility",
+    "metrics",
+    "textfile_dir",
+    "listen",
     "high",
     "low",
     "target",
@@ -52,6 +55,8 @@ scalars = st.one_of(
             "~",
             "yes",
             "0x10",
+            "127.0.0.1:9101",
+            "[::1]:0",
         ]
     ),
 )

@@ -156,6 +156,6 @@ def test_reload_verdicts_and_generation(tmp_path: Path) -> None:
         "generation": 2,
     }
     assert on_disk["reloads"] == 2
-    # Written by replacing: no temporary file left beside it.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", VERDICT_FILE]
+    # Written by replacing: no temporary file left beside it (nor beside the live state).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.state.json", "c.yaml", VERDICT_FILE]
     assert runner.config.interval == 6
