@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
-# Packages that building libvirt-python needs (it compiles against the host's libvirt).
-AGENT_DEBS := libvirt-dev libvirt-clients pkg-config gcc python3-dev python3-venv
+# Packages that building libvirt-python and systemd-python need (they compile against the
+# host's libvirt and libsystemd).
+AGENT_DEBS := libvirt-dev libsystemd-dev libvirt-clients pkg-config gcc python3-dev python3-venv
 
 .PHONY: help deps venv lint unit lab-setup role-setup test demo bench clean
 
@@ -25,7 +26,7 @@ venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,role,bench]'
+	$(BIN)/pip install -q -e '.[test,role,bench,journal]'
 	touch $@
 
 lint: venv

@@ -188,7 +188,7 @@ def _agent_message(raw: str) -> str:
     """`12:00:01 move domain=...` from `<ISO time> vcpusched[pid]: INFO move domain=...`."""
     parts = raw.split(" ", 3)
     if len(parts) == 4 and parts[1].startswith("vcpusched["):
-        clock = parts[0].partition("T")[2] or parts[0]
+        clock = (parts[0].partition("T")[2] or parts[0])[:8]
         level = "" if parts[2] == "INFO" else parts[2] + " "
         return f"{clock} {level}{parts[3].replace(DEMO, '')}"
     return raw
