@@ -161,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for the agent's answer (default {RELOAD_TIMEOUT:g})",
     )
 
+    audit = sub.add_parser(
+        "audit",
+        help="replay the audit log: pins at an instant, moves and their reasons, counts",
+        description="Replay the agent's audit lines from the journal, or from syslog files.",
+    )
+    from vcpusched import audit as audit_module
+
+    audit_module.add_arguments(audit)
+
     sub.add_parser("bench", help="run the simulator benchmark (options: bench --help)")
     return parser
 
@@ -203,7 +212,21 @@ def _main(argv: list[str] | None = None) -> int:
         return status(args.config, args.interval, args.json)
     if args.command == "reload":
         return reload(args)
+    if args.command == "audit":
+        return audit(args)
     return run(args)
+
+
+def audit(args: argparse.Namespace) -> int:
+    from vcpusched import audit as audit_module
+
+    try:
+        return audit_module.main(args, sys.stdout)
+    except audit_module.AuditError as exc:
+        return _fail(f"audit: {exc}")
+    except BrokenPipeError:  # `vcpusched audit moves | head`
+        sys.stderr.close()
+        return 0
 
 
 def _load(path: Path | None) -> tuple[Config, Path | None]:
