@@ -20,10 +20,12 @@ import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Installed by the role from Debian (python3-libvirt, python3-yaml) into a virtualenv that sees
-# the system site-packages: the libvirt binding must match the host's libvirt, and both are
-# compiled, so a controller-built wheel could not be trusted on the target.
-DISTRO_PROVIDED = frozenset({"libvirt-python", "pyyaml"})
+# Installed by the role from Debian (python3-libvirt, python3-yaml, python3-systemd,
+# python3-prometheus-client) into a virtualenv that sees the system site-packages: the libvirt
+# binding must match the host's libvirt, and the compiled ones could not be trusted on the
+# target if built on the controller; the Prometheus client comes along so that one version of
+# it serves the agent and anything else on the host.
+DISTRO_PROVIDED = frozenset({"libvirt-python", "pyyaml", "systemd-python", "prometheus-client"})
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from tests.role.fixtures import config_document, role_defaults
 from tests.role.playbook import ANSIBLE_DIR
+from vcpusched import __version__
 from vcpusched.config import Config, validate
 
 ROLE = ANSIBLE_DIR / "roles/vcpusched"
@@ -38,3 +39,10 @@ def test_every_variable_is_documented_with_its_default() -> None:
 
 def test_every_variable_carries_the_role_prefix() -> None:
     assert all(name.startswith("vcpusched_") for name in role_defaults())
+
+
+def test_collection_version_is_the_agents() -> None:
+    galaxy = yaml.safe_load((ANSIBLE_DIR / "collection/galaxy.yml").read_text())
+    assert galaxy["version"] == __version__
+    meta = yaml.safe_load((ROLE / "meta/main.yml").read_text())["galaxy_info"]
+    assert galaxy["license"] == [meta["license"]]
