@@ -86,13 +86,24 @@ class Target:
     runs: list[PlayRun] = field(default_factory=list)
     # Role variables the host was last converged with; None until the first converge passed.
     converged: dict[str, Any] | None = None
+    # The collection built from the role and installed with ansible-galaxy, and a play using it.
+    collections: Path | None = None
+    collection_play: Path | None = None
 
-    def play(self, variables: dict[str, Any], *extra: str, label: str) -> PlayRun:
+    def play(
+        self, variables: dict[str, Any], *extra: str, label: str, from_collection: bool = False
+    ) -> PlayRun:
+        """Apply the repository's ansible/site.yml, or with `from_collection` the role as
+        installed from the collection artifact (see `install_collection`)."""
+        where: dict[str, Any] = {}
+        if from_collection:
+            where = {"playbook": self.collection_play, "collections": self.collections}
         run = run_playbook(
             self.workdir,
             self.inventory,
             {"vcpusched_wheel_dir": str(self.wheels), **variables},
             *extra,
+            **where,
         )
         self.runs.append(run)
         self.timings.append((label, run.seconds))
@@ -158,6 +169,40 @@ class Target:
         }
 
 
+COLLECTION_PLAY = """---
+- name: Roll out vcpusched from the installed collection
+  hosts: hypervisors
+  become: true
+  roles:
+    - role: vcpusched.vcpusched.vcpusched
+"""
+
+
+def install_collection(workdir: Path) -> tuple[Path, Path, Path]:
+    """Build the collection artifact with ansible-galaxy, install it into a collections path
+    of its own, and write a play naming the role by its collection name. Returns the
+    artifact, the collections path and the play."""
+    subprocess.run(
+        [sys.executable, str(ANSIBLE_DIR / "build_collection.py"), "--out", str(workdir / "dist")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (artifact,) = (workdir / "dist").glob("vcpusched-vcpusched-*.tar.gz")
+    collections = workdir / "collections"
+    galaxy = Path(sys.executable).parent / "ansible-galaxy"
+    subprocess.run(
+        [str(galaxy), "collection", "install", "--offline", "-p", str(collections), str(artifact)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_HOME": str(workdir / "ansible-home")},
+    )
+    play = workdir / "collection-site.yml"
+    play.write_text(COLLECTION_PLAY)
+    return artifact, collections, play
+
+
 def local_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -214,9 +259,13 @@ def target() -> Iterator[Target]:
         )
         if failed:
             lines.append(f"  failed units in the container: {failed}")
+        step = time.monotonic()
+        _, collections, collection_play = install_collection(workdir)
+        lines.append(_line("build + install the collection", time.monotonic() - step))
         inventory = workdir / "inventory"
         inventory.write_text(container.inventory())
         target = Target(container, workdir, inventory, wheels)
+        target.collections, target.collection_play = collections, collection_play
         yield target
     finally:
         step = time.monotonic()

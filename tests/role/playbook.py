@@ -112,8 +112,11 @@ def run_playbook(
     variables: dict[str, Any],
     *extra: str,
     timeout: float = 600,
+    playbook: Path = ANSIBLE_DIR / "site.yml",
+    collections: Path | None = None,
 ) -> PlayRun:
-    """ansible-playbook site.yml with `variables` as extra vars (JSON, so types survive)."""
+    """ansible-playbook `playbook` (site.yml) with `variables` as extra vars (JSON, so types
+    survive); `collections`: an ANSIBLE_COLLECTIONS_PATH to find installed collections in."""
     vars_file = workdir / "vars.json"
     vars_file.write_text(json.dumps(variables, indent=2))
     args = [
@@ -123,7 +126,7 @@ def run_playbook(
         "-e",
         f"@{vars_file}",
         *extra,
-        str(ANSIBLE_DIR / "site.yml"),
+        str(playbook),
     ]
     env = dict(os.environ)
     env.update(
@@ -138,6 +141,8 @@ def run_playbook(
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(workdir / "cp"),
         }
     )
+    if collections is not None:
+        env["ANSIBLE_COLLECTIONS_PATH"] = str(collections)
     started = time.monotonic()
     result = subprocess.run(
         args,
