@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,21 @@ def test_journal_handler_sends_each_line_with_its_fields() -> None:
     assert other["PRIORITY"] == "4"
 
 
+@pytest.fixture
+def agent_logger() -> Iterator[logging.Logger]:
+    """The agent's logger, put back as it was (other tests count on its records)."""
+    saved = (list(logs.log.handlers), logs.log.level, logs.log.propagate)
+    try:
+        yield logs.log
+    finally:
+        for handler in logs.log.handlers:
+            handler.close()
+        logs.log.handlers[:] = saved[0]
+        logs.log.setLevel(saved[1])
+        logs.log.propagate = saved[2]
+
+
+@pytest.mark.usefixtures("agent_logger")
 def test_under_journald_one_handler_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """journald forwards to syslog: a second handler would write every line twice."""
     sock = tmp_path / "log.sock"
@@ -128,22 +144,19 @@ def test_under_journald_one_handler_only(monkeypatch: pytest.MonkeyPatch, tmp_pa
         syslog.bind(str(sock))
         monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(sock))
         monkeypatch.setattr(logs, "under_journald", lambda: True)
-        try:
-            logs.setup("auto", "info", "daemon")
-            assert len(logs.log.handlers) == 1
-            assert type(logs.log.handlers[0]).__name__ == "JournalHandler"
-            # Without python-systemd: stderr with priority prefixes, still alone.
-            monkeypatch.setattr(logs, "journal_handler", lambda facility: None)
-            logs.setup("auto", "info", "daemon")
-            (only,) = logs.log.handlers
-            assert isinstance(only, logging.StreamHandler)
-            assert only.format(logging.makeLogRecord({"msg": "x", "levelno": 30})) == "<4>x"
-            # Not under journald: stderr plus syslog, as before.
-            monkeypatch.setattr(logs, "under_journald", lambda: False)
-            logs.setup("auto", "info", "daemon")
-            assert len(logs.log.handlers) == 2
-        finally:
-            logs.log.handlers.clear()
+        logs.setup("auto", "info", "daemon")
+        assert len(logs.log.handlers) == 1
+        assert type(logs.log.handlers[0]).__name__ == "JournalHandler"
+        # Without python-systemd: stderr with priority prefixes, still alone.
+        monkeypatch.setattr(logs, "journal_handler", lambda facility: None)
+        logs.setup("auto", "info", "daemon")
+        (only,) = logs.log.handlers
+        assert isinstance(only, logging.StreamHandler)
+        assert only.format(logging.makeLogRecord({"msg": "x", "levelno": 30})) == "<4>x"
+        # Not under journald: stderr plus syslog, as before.
+        monkeypatch.setattr(logs, "under_journald", lambda: False)
+        logs.setup("auto", "info", "daemon")
+        assert len(logs.log.handlers) == 2
 
 
 def test_journal_stream_must_be_our_stderr(tmp_path: Path) -> None:
