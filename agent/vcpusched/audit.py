@@ -246,6 +246,8 @@ class _Domain:
     last_gone: float | None = None  # last `gone` at or before the instant
     last_new: float | None = None  # last `new` at or before the instant
     next_gone: float | None = None  # first `gone` after the instant
+    # First `new` after the instant that is an arrival, not a (re)started agent's roll call.
+    next_arrival: float | None = None
     vcpus: int = 0
 
 
@@ -262,12 +264,18 @@ class PinReplay:
     after: dict[tuple[str, str, int], Entry] = field(default_factory=dict)
     domains: dict[tuple[str, str], _Domain] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)
+    # Hosts whose agent started and has not yet said `connected`: the `new` lines of its first
+    # cycle name the domains already running, not domains that just arrived.
+    starting: set[str] = field(default_factory=set)
     entries: int = 0
 
     def feed(self, entry: Entry) -> None:
         self.entries += 1
         f = entry.fields
+        if entry.event == "connected":
+            self.starting.discard(entry.host)
         if entry.event == "start":
+            self.starting.add(entry.host)
             self.restarts.setdefault(entry.host, []).append(entry.at)
             # Only the last start before the instant and the first after it matter.
             kept = self.restarts[entry.host]
@@ -283,6 +291,12 @@ class PinReplay:
                 if entry.at <= self.at and (state.last_new or 0) <= entry.at:
                     state.last_new = entry.at
                     state.vcpus = _int(f.get("vcpus"), 0)
+                elif (
+                    entry.at > self.at
+                    and entry.host not in self.starting
+                    and (state.next_arrival is None or entry.at < state.next_arrival)
+                ):
+                    state.next_arrival = entry.at
             elif entry.at <= self.at:
                 if (state.last_gone or 0) <= entry.at:
                     state.last_gone = entry.at
@@ -324,6 +338,11 @@ class PinReplay:
             if any(before.at < t <= self.at for t in starts):
                 basis += "; agent restarted since"
             return Pin(host, domain, vcpu, _cpus(before.fields["to"]), before.at, basis)
+        arrived = state.next_arrival
+        if arrived is not None and (after is None or arrived <= after.at):
+            return Pin(
+                host, domain, vcpu, None, None, f"not running yet (new at {show_time(arrived)})"
+            )
         went_before_next = state.next_gone is not None and (
             after is None or state.next_gone < after.at
         )

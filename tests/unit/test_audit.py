@@ -47,6 +47,7 @@ LOG = "\n".join(
         syslog("hv1", 10, 0, event("start", version="0.1.0", interval=1.0, dry_run=0)),
         syslog("hv1", 10, 1, event("new", domain="web-1", vcpus=2)),
         syslog("hv1", 10, 1, event("new", domain="db", vcpus=1)),
+        syslog("hv1", 10, 1, event("connected", uri="qemu:///system", pcpus="0-1")),
         "2026-12-01T08:00:01.500000+00:00 hv1 sshd[99]: vcpusched[10]: move domain=web-1 vcpu=0",
         syslog("hv1", 10, 2, event("place", domain="web-1", vcpu=0, to=1, vcpu_load=50.0)),
         syslog("hv2", 20, 2.5, event("move", domain="web-1", vcpu=0, to=3, reason="relieve")),
@@ -56,11 +57,14 @@ LOG = "\n".join(
         syslog("hv1", 11, 30, event("start", version="0.1.0", interval=1.0, dry_run=0)),
         syslog("hv1", 11, 31, event("new", domain="web-1", vcpus=2)),
         syslog("hv1", 11, 31, event("new", domain="db", vcpus=1)),
+        syslog("hv1", 11, 31, event("connected", uri="qemu:///system", pcpus="0-1")),
         syslog("hv1", 11, 40, event("reload", changed="dry_run:False->True")),
         syslog("hv1", 11, 41, event("move", domain="web-1", vcpu=1, to=1, dry_run=1)),
         syslog("hv1", 11, 50, event("gone", domain="web-1")),
         syslog("hv1", 11, 60, event("new", domain="web-1", vcpus=1)),
         syslog("hv1", 11, 70, event("move", domain="db", vcpu=0, **{"from": 1}, to=0)),
+        syslog("hv1", 11, 80, event("new", domain="late", vcpus=1)),
+        syslog("hv1", 11, 81, event("place", domain="late", vcpu=0, **{"from": "0-1"}, to=1)),
         syslog("hv1", 11, 4000, event("move", domain="db", vcpu=0, **{"from": 0}, to=1)),
     ]
 )
@@ -78,6 +82,13 @@ def test_a_vcpu_not_yet_moved_is_known_from_its_first_move() -> None:
     # db/0 was never touched before 08:01:10; that move says it came from pCPU 1.
     assert pins(LOG, 5)[("hv1", "db", 0)] == ("1", "from=")
     assert pins(LOG, 71)[("hv1", "db", 0)] == ("0", "move")
+
+
+def test_a_domain_that_arrives_later_was_not_there_before() -> None:
+    # The roll call of a (re)started agent is no arrival: db was running before 08:00:30.
+    assert pins(LOG, 25)[("hv1", "db", 0)] == ("1", "from=")
+    assert pins(LOG, 75)[("hv1", "late", 0)] == (None, "not")
+    assert pins(LOG, 82)[("hv1", "late", 0)] == ("1", "place")
 
 
 def test_pins_survive_a_restart_and_say_so() -> None:
@@ -141,7 +152,7 @@ def test_counts_per_domain_and_hour(capsys: pytest.CaptureFixture[str], tmp_path
     assert rows[("hv1", "db")] == ["0", "2"]
     assert rows[("hv2", "web-1")] == ["0", "1"]
     hours = [line.split() for line in out.splitlines() if line.startswith("  2026-")]
-    assert [h[1:] for h in hours] == [["2", "3"], ["0", "1"]]  # 08:00 and 09:00
+    assert [h[1:] for h in hours] == [["3", "3"], ["0", "1"]]  # 08:00 and 09:00
     assert "agent hv1: 2 starts, 1 reloads" in out
 
 
