@@ -167,7 +167,8 @@ def test_replayed_pins_are_the_pins_libvirt_reported(guests: Lab, tmp_path: Path
             "logged": len(logged),
         },
     )
-    assert len(changes) == len(logged) >= 3
+    # The judge polls every 0.1 s: two changes of one vCPU within a poll are seen as one.
+    assert len(logged) >= len(changes) >= 3
     assert compared >= 20, compared
     assert moved >= 5, moved
     assert gone_checked >= 2, gone_checked
