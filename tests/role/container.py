@@ -70,6 +70,12 @@ class Container:
         return self.workdir / "id_ed25519"
 
     @property
+    def known_hosts(self) -> Path:
+        # The run's own file rather than /dev/null, so that whatever ssh writes about host
+        # keys stays in the run's directory.
+        return self.workdir / "known_hosts"
+
+    @property
     def pidfile(self) -> Path:
         return self.workdir / "nspawn.pid"
 
@@ -153,7 +159,7 @@ class Container:
             "-o",
             "StrictHostKeyChecking=no",
             "-o",
-            "UserKnownHostsFile=/dev/null",
+            f"UserKnownHostsFile={self.known_hosts}",
             "-o",
             "LogLevel=ERROR",
             "-o",
@@ -182,7 +188,7 @@ class Container:
         return self.ssh(f"cat {shlex.quote(path)}").stdout
 
     def inventory(self) -> str:
-        ssh_args = "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no"
+        ssh_args = f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=no"
         return (
             "[hypervisors]\n"
             f"target ansible_host=127.0.0.1 ansible_port={self.port} ansible_user=root "
