@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.lab import QEMU, GuestSpec, Lab, state_dir
+from tests.lab.lab import QEMU, GuestSpec, Lab, read_proc_stat, state_dir, utilization
 from tests.role.container import Container
 
 # Inside the container.
@@ -34,6 +34,26 @@ cgroup_controllers = [ ]
 # guests' loads matters here (pCPU 0 must be over-full), not their exact values.
 FALLBACK_WORK_PER_MS = 2.0e6
 _VCPUPIN = re.compile(r"^\s*(\d+)\s+(\S+)\s*$")
+
+
+# Points of pCPU time, summed over the pCPUs, that other work may take before the guests start.
+QUIET = 30.0
+QUIET_WAIT = 300.0
+
+
+def wait_quiet_host() -> float:
+    """Wait until other jobs leave the pCPUs (bounded); returns the seconds waited."""
+    started = time.monotonic()
+    while True:
+        before = read_proc_stat()
+        time.sleep(2.0)
+        busy = sum(utilization(before, read_proc_stat()).values())
+        if busy <= QUIET:
+            return time.monotonic() - started
+        if time.monotonic() - started > QUIET_WAIT:
+            raise TimeoutError(
+                f"host too busy for {QUIET_WAIT:.0f} s: {busy:.0f} points of pCPU time in use"
+            )
 
 
 def work_per_ms() -> float:
