@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import importlib
 import json
 import os
@@ -23,6 +22,7 @@ import yaml
 from vcpusched import __version__, policy, state, stats
 from vcpusched.config import DEFAULT_PATH, Config, ConfigError, load_config, override
 from vcpusched.host import Host, HostError
+from vcpusched.model import excluded as excluded_by
 from vcpusched.pidfile import PidfileError, check_directory, open_regular
 
 PROG = "vcpusched"
@@ -450,7 +450,7 @@ def sample_state(config: Config) -> state.LiveState:
         host.close()
 
     def excluded(domain: str) -> bool:
-        return any(fnmatch.fnmatchcase(domain, p) for p in config.exclude)
+        return excluded_by(config.exclude, domain)
 
     snapshot = stats.snapshot(first, second, excluded)
     if snapshot is None:

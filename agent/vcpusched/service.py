@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
 from vcpusched.metrics import Exporter
-from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
+from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, excluded, format_cpus
 
 log = logging.getLogger("vcpusched")
 
@@ -64,7 +63,7 @@ class Agent:
         self.failures: dict[str, int] = {}
 
     def excluded(self, domain: str) -> bool:
-        return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
+        return excluded(self.config.exclude, domain)
 
     def reconfigure(self, config: Config) -> None:
         self.config = config

@@ -24,7 +24,7 @@ from vcpusched_sim.baselines import (
     totals_of,
 )
 from vcpusched_sim.bench import OURS, ScenarioRun, bench_scenario
-from vcpusched_sim.scenarios import SCENARIOS, Scenario
+from vcpusched_sim.scenarios import SCENARIOS, Scenario, bursty
 
 CLASSIC = sorted(name for name, s in SCENARIOS.items() if s.classic)
 
@@ -65,6 +65,39 @@ def test_registry_holds_the_required_cases() -> None:
     assert SCENARIOS["restricted-cpus"].managed_pcpus == (2, 3, 4, 5, 6, 7)
     large = SCENARIOS["large"]
     assert (large.vcpus, large.pcpus) == (1000, 128)
+
+
+def test_registry_holds_the_issue_10_classes() -> None:
+    assert {s.name for s in SCENARIOS.values() if s.bursty} == {
+        "bursty-50",
+        "bursty-100",
+        "bursty-duty",
+        "bursty-slow",
+    }
+    assert all(load.noise == 0.20 for d in SCENARIOS["noise-20"].domains for load in d.loads)
+    over = SCENARIOS["oversubscribed"]
+    assert over.oversubscribed
+    assert over.vcpus == 12
+    assert over.pcpus == 4
+    assert SCENARIOS["packing"].packing
+    assert SCENARIOS["mixed-full"].from_full
+    huge = SCENARIOS["huge"]
+    assert (huge.vcpus, huge.pcpus) == (4000, 256)
+    # A burst pattern is what the guest does, not a load change of the story: one epoch.
+    assert SCENARIOS["bursty-100"].change_times() == []
+
+
+def test_a_bursty_load_repeats_its_pattern() -> None:
+    load = bursty(100.0, 0.0, 1, 3, offset=1)
+    assert [load.nominal(t + 0.5) for t in range(8)] == [0, 100, 0, 0, 0, 100, 0, 0]
+    assert load.changes() == ()
+
+
+def test_the_worst_off_share_is_measured_from_outside() -> None:
+    run = ran("oversubscribed-2", cycles=10, policies=(OURS, "optimum"))
+    # Four to one: the four get a quarter each; three to two, the optimum gives a third.
+    assert run.traces[OURS].worst[1] == pytest.approx(25.0)
+    assert run.traces["optimum"].worst[-1] == pytest.approx(100 / 3)
 
 
 def test_resized_scenario_scales_its_events() -> None:
