@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from vcpusched.topology import MemoryPlacement, Topology
+from vcpusched.topology import format_cpus as format_cpus  # one formatter, re-exported
 
 # A pCPU this busy (percent) has no time to spare: moving work onto it cannot raise anyone's
 # share, only move the waiting there. (Guests adding up to 90% read 97% busy on the lab, with
@@ -130,20 +131,6 @@ def excluded(patterns: Sequence[str], domain: str) -> bool:
     """Whether `domain` matches one of the `exclude` glob patterns: never re-pinned. The one
     definition, for the agent, `status` and the benchmark's baselines."""
     return any(fnmatch.fnmatchcase(domain, p) for p in patterns)
-
-
-def format_cpus(cpus: frozenset[int] | set[int]) -> str:
-    """Render a pCPU set the way libvirt and taskset do: "0-3,8"."""
-    out: list[str] = []
-    ordered = sorted(cpus)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(out) if out else "none"
 
 
 def parse_cpus(spec: str) -> frozenset[int]:

@@ -7,13 +7,11 @@ very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and s
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import stat
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -636,23 +634,8 @@ class Runner:
             "reload_started": self._reload_started,
             "last_reload": None if self.last_reload is None else asdict(self.last_reload),
         }
-        target = directory / VERDICT_FILE
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if not stat.S_ISREG(os.lstat(target).st_mode):
-                    # A rename would replace a device or a link: not ours to replace.
-                    raise OSError(errno.EEXIST, f"{target} is not a regular file")
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VERDICT_FILE}.")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(document, handle)
-                    handle.write("\n")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            state.atomic_write(directory / VERDICT_FILE, (json.dumps(document) + "\n").encode())
         except OSError as exc:
             log.warning(event("verdict-unwritten", path=str(directory), error=exc.strerror))
 

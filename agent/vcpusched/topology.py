@@ -199,14 +199,15 @@ class Topology:
     def summary(self) -> dict[str, object]:
         """Fields for one log line: "nodes=0:0-7,16-23/1:8-15,24-31 cores=16 threads=2 llc=2"."""
         return {
-            "nodes": "/".join(f"{n.id}:{_fmt(n.cpus)}" for n in self.node_list) or "unknown",
+            "nodes": "/".join(f"{n.id}:{format_cpus(n.cpus)}" for n in self.node_list) or "unknown",
             "cores": len(self.cores),
             "threads": self.threads_per_core,
             "llc": len({frozenset(g) for g in self._llc.values()}) or None,
         }
 
 
-def _fmt(cpus: frozenset[int]) -> str:
+def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+    """Render a pCPU set the way libvirt and taskset do: "0-3,8"."""
     out: list[str] = []
     ordered = sorted(cpus)
     i = 0
