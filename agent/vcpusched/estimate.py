@@ -4,7 +4,7 @@ A reading of a vCPU that idled is exact: it got all it wanted, so its demand is 
 received. A reading of a vCPU that is `short` of time (it never idled) is a bound: it wanted at
 least what it received and at most all the time it was runnable. So the estimator remembers
 exact readings, and reads a bound as the largest remembered exact value that the bound allows
-(the demand seen when it last had room), or as the bound itself when none does.
+(the demand seen when it last had room), or as the middle of the bound when none does.
 
 A vCPU is then known by its series of estimated demands over the last WINDOW intervals, the
 same intervals for every vCPU, so that a placement can be judged interval by interval: two
@@ -139,14 +139,24 @@ class Estimator:
 
 
 def _level_start(values: list[float], start: int) -> int:
-    """Where the current level of `values` begins: a jump at the latest reading starts a new
-    one; a jump that the readings since no longer bear out is forgotten."""
+    """Where the current level of `values` begins: a jump at the latest reading beyond all the
+    window has seen starts a new one; a jump that the readings since no longer bear out is
+    forgotten."""
     n = len(values)
-    if n - start >= 2 and _jumps(values[start:-1], values[-1:]):
+    if (
+        n - start >= 2
+        and _jumps(values[start:-1], values[-1:])
+        and _outside(values[:-1], values[-1])
+    ):
         return n - 1
     if start > 0 and not _jumps(values[:start], values[start:]):
         return 0
     return start
+
+
+def _outside(before: list[float], x: float) -> bool:
+    """Whether `x` lies beyond every reading before it: a vCPU that bursts returns within."""
+    return x > max(before) + JUMP_POINTS or x < min(before) - JUMP_POINTS
 
 
 def _jumps(before: list[float], after: list[float]) -> bool:
@@ -160,6 +170,9 @@ def _jumps(before: list[float], after: list[float]) -> bool:
 
 
 def _read_bound(received: float, demand: float, known: Iterable[float]) -> float:
-    """A short reading's demand: the largest exact reading it allows, else its upper bound."""
+    """A short reading's demand: the largest exact reading it allows, else the middle of what
+    it allows (all the readings say is that it lies between what it received and all the time
+    it was runnable; taking the top of that sent guests that wanted 40 onto pCPUs as if they
+    wanted a whole one)."""
     inside = [k for k in known if received - SHORT <= k <= demand]
-    return max(inside) if inside else demand
+    return max(inside) if inside else (received + demand) / 2

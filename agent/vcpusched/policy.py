@@ -43,14 +43,25 @@ CAPACITY = 100.0
 # guests on its first reading of them.)
 PRIOR_GAIN = 6.0
 PRIOR_READINGS = 3
+# Nothing is judged on one reading of a vCPU's level: it says nothing of how the vCPU varies
+# (a guest that bursts one interval in four reads like a heavy one in that interval).
+MIN_READINGS = 2
 # A step may lower the worst-off vCPU's predicted share by this much at most (points, noise).
 WORST_TOLERANCE = 0.5
-# Candidates judged per pair of pCPUs: the nearest fits by mean demand, tried best first.
+# Candidates per pair of pCPUs, the nearest fits by mean demand, and how many of the best of
+# them are judged over the window.
 CANDIDATES = 4
+JUDGED = 4
 # Exchanges of several vCPUs are searched only where single steps are stuck, and only
 # between pCPUs holding at most this many movable vCPUs, against this many partners.
 EXCHANGE_VCPUS = 10
 EXCHANGE_PARTNERS = 4
+# The least loaded pCPUs a loaded one is paired with, and the rounds of steps a plan makes:
+# what keeps a plan on a host of thousands of vCPUs within milliseconds.
+PARTNERS = 4
+ROUNDS = 64
+# A vCPU whose readings over the window stay within this (points) is steady.
+FLAT_POINTS = 0.5
 
 
 class Balancer:
@@ -180,10 +191,18 @@ class _P:
     movable: list[_V] = field(default_factory=list)  # those the plan may move, by mean demand
     sums: list[float] = field(default_factory=list)  # members' demand per interval
     version: int = 0
+    unsteady: int = 0  # members that are not flat
+    guesses: int = 0  # members whose latest reading is a bound
     # Took a vCPU whose demand is a guess (read short): no further step here in this plan,
     # the next reading tells what it holds.
     frozen: bool = False
+
+    @property
+    def receives(self) -> bool:
+        return not self.frozen
+
     _costs: tuple[int, list[tuple[float, float]]] | None = None
+    _readings: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.sums = [0.0] * self.intervals
@@ -205,15 +224,20 @@ class _P:
 
     @property
     def flat(self) -> bool:
-        return all(m.flat for m in self.members)
+        return not self.unsteady
 
     @property
     def readings(self) -> int:
-        return min((m.readings for m in self.members), default=self.intervals)
+        if self._readings is None or self._readings[0] != self.version:
+            fewest = min((m.readings for m in self.members), default=self.intervals)
+            self._readings = (self.version, fewest)
+        return self._readings[1]
 
     def add(self, v: _V, movable: bool = True) -> None:
         self.version += 1
         self.members.append(v)
+        self.unsteady += not v.flat
+        self.guesses += v.guess
         if movable:
             bisect.insort(self.movable, v, key=_key)
         for t, x in enumerate(v.series):
@@ -222,6 +246,8 @@ class _P:
     def remove(self, v: _V) -> None:
         self.version += 1
         self.members.remove(v)
+        self.unsteady -= not v.flat
+        self.guesses -= v.guess
         del self.movable[bisect.bisect_left(self.movable, _key(v), key=_key)]
         for t, x in enumerate(v.series):
             self.sums[t] -= x
@@ -272,14 +298,23 @@ class _Verdict:
     pins: int
 
     def net(self, min_gain: float) -> float:
-        return self.gain - self.uncertainty - min_gain * self.pins
+        """What it gains beyond its uncertainty and the least gain worth a step."""
+        return self.gain - self.uncertainty - min_gain
+
+    def score(self, min_gain: float) -> float:
+        """Its net gain, less min_gain for every pin beyond the first: a swap is worth its
+        second pin only where it gains min_gain more than a move would."""
+        return self.net(min_gain) - min_gain * (self.pins - 1)
 
     def taken(self, min_gain: float) -> bool:
-        return self.worst >= -WORST_TOLERANCE and self.net(min_gain) >= -1e-9
+        return self.net(min_gain) >= -1e-9
 
 
 def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) -> _Verdict:
     """What sending `out` from a to b and `back` from b to a gains, interval by interval."""
+    readings = min([a.readings, b.readings] + [v.readings for v in (*out, *back)])
+    if readings < MIN_READINGS:
+        return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
     flat = a.flat and b.flat and all(v.flat for v in (*out, *back))
     span = 1 if flat else intervals
     cost_a, cost_b = a.costs(intervals), b.costs(intervals)
@@ -306,7 +341,6 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         gains.append(gain)
         worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
     mean = sum(gains) / span
-    readings = min([a.readings, b.readings] + [v.readings for v in (*out, *back)])
     prior = PRIOR_GAIN if readings < PRIOR_READINGS else 0.0
     spread = _standard_error(gains, mean) if span > 1 else 0.0
     return _Verdict(mean, math.hypot(spread, prior), worst / span, len(out) + len(back))
@@ -387,11 +421,17 @@ def decide(
         series = series[-intervals:]
         if len(series) < intervals:
             series = (series[0],) * (intervals - len(series)) + series
+        mean = sum(series) / intervals
+        flat = max(series) - min(series) <= FLAT_POINTS
+        if flat:
+            # Counters of different precision jitter a steady vCPU by a fraction of a point:
+            # one interval tells all, and judging one is what keeps big plans fast.
+            series = (mean,) * intervals
         views[vcpu.ref] = _V(
             vcpu,
             series,
-            sum(series) / intervals,
-            all(x == series[0] for x in series),
+            mean,
+            flat,
             1 if e is None else e.readings,
             e is not None and e.guess,
         )
@@ -454,6 +494,8 @@ def _place(to_place: list[_V], pcpus: dict[int, _P], targets: list[_P], result: 
         result.add(v, src, dst, "place" if src is None else "outside-cpus", demands)
         if src is not None:
             src.members.remove(v)
+            src.unsteady -= not v.flat
+            src.guesses -= v.guess
             src.version += 1
             for t, x in enumerate(v.series):
                 src.sums[t] -= x
@@ -483,16 +525,29 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
     """The thresholds: a high pCPU holding more than one vCPU sheds toward a low one, the vCPU
     that brings the low one closest to target first, as long as the step gains."""
     half = config.min_gain / 2
-    for _ in range(4 * len(targets) + sum(len(p.movable) for p in targets)):
-        open_ = [p for p in targets if not p.frozen]
+    tried: dict[tuple[int, int], tuple[int, int]] = {}
+    for _ in range(ROUNDS):
+        moved = False
+        lows = sorted(
+            (p for p in targets if p.receives and p.util < config.low),
+            key=lambda p: (p.util, p.number),
+        )
         highs = sorted(
-            (p for p in open_ if p.util > config.high and len(p.members) > 1 and p.movable),
+            (p for p in targets if p.util > config.high and len(p.members) > 1 and p.movable),
             key=lambda p: (-p.demand, p.number),
         )
-        lows = sorted((p for p in open_ if p.util < config.low), key=lambda p: (p.util, p.number))
-        chosen = None
         for src in highs:
+            partners = 0
             for dst in lows:
+                if src.frozen or partners == PARTNERS:
+                    break
+                if not dst.receives or dst.util >= config.low:
+                    continue
+                partners += 1
+                versions = (src.version, dst.version)
+                if tried.get((src.number, dst.number)) == versions:
+                    continue
+                tried[src.number, dst.number] = versions
                 gap = src.demand - dst.demand
                 want = config.target - dst.util
                 # Moves that leave src no lower than dst come first.
@@ -502,22 +557,19 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                 for v in candidates:
                     verdict = _judge(src, dst, (v,), (), intervals)
                     if verdict.taken(config.min_gain):
-                        chosen = (src, dst, v)
+                        _step(src, dst, (v,), (), "high", result)
+                        moved = True
                         break
                     _count_held(verdict, config, result)
-                if chosen:
+                if src.util <= config.high or not src.movable:
                     break
-            if chosen:
-                break
-        if chosen is None:
+        if not moved:
             return
-        src, dst, v = chosen
-        _step(src, dst, (v,), (), "high", result)
 
 
 def _count_held(verdict: _Verdict, config: Config, result: _Plan) -> None:
     # A step that would gain enough on its mean but not beyond its uncertainty.
-    if verdict.gain - config.min_gain * verdict.pins >= 0 > verdict.net(config.min_gain):
+    if verdict.gain - config.min_gain >= 0 > verdict.net(config.min_gain):
         result.held["uncertain"] += 1
 
 
@@ -527,54 +579,60 @@ _Found = tuple[float, tuple[_V, ...], tuple[_V, ...]]
 def _refine(targets: list[_P], config: Config, intervals: int, result: _Plan) -> None:
     """Best steps between pCPUs, from the most loaded down, while one gains enough."""
     # What each pair of pCPUs can trade, kept while neither changes: a step changes two
-    # pCPUs, so the next search redoes their pairs only.
+    # pCPUs, so the next round redoes their pairs only.
     pairs: dict[tuple[int, int], tuple[tuple[int, int], _Found | None]] = {}
     stuck: dict[tuple[int, int], tuple[int, int]] = {}
-    for _ in range(4 * sum(len(p.movable) for p in targets) + len(targets)):
+    for _ in range(ROUNDS):
         ordered = sorted((p for p in targets if not p.frozen), key=lambda p: (p.demand, p.number))
-        if len(ordered) < 2:
+        moved = False
+        for src in reversed(ordered):
+            if src.frozen or not src.movable:
+                continue
+            step = _best_step(src, ordered, config, intervals, pairs, result)
+            if step is not None:
+                dst, out, back = step
+                _step(src, dst, out, back, "swap" if back else "refine", result)
+                moved = True
+            elif src.demand - ordered[0].demand < config.min_gain:
+                break  # no pCPU further down has more to give
+        if moved:
+            continue
+        exchange = _exchange(ordered, config, intervals, stuck, result)
+        if exchange is None:
             return
-        step = _best_step(ordered, config, intervals, pairs, result)
-        reason = "refine"
-        if step is None:
-            step = _exchange(ordered, config, intervals, stuck, result)
-            reason = "exchange"
-        if step is None:
-            return
-        src, dst, out, back = step
-        if len(out) + len(back) == 2 and back:
-            reason = "swap"
-        _step(src, dst, out, back, reason, result)
+        src, dst, out, back = exchange
+        _step(src, dst, out, back, "exchange", result)
 
 
 def _best_step(
+    src: _P,
     ordered: list[_P],
     config: Config,
     intervals: int,
     pairs: dict[tuple[int, int], tuple[tuple[int, int], _Found | None]],
     result: _Plan,
-) -> tuple[_P, _P, tuple[_V, ...], tuple[_V, ...]] | None:
-    """The best move or swap off the most loaded pCPU that gains enough."""
-    for src in reversed(ordered):
-        if not src.movable:
+) -> tuple[_P, tuple[_V, ...], tuple[_V, ...]] | None:
+    """The best move or swap off `src` toward the least loaded pCPUs that gains enough."""
+    best: tuple[float, _P, tuple[_V, ...], tuple[_V, ...]] | None = None
+    partners = 0
+    for dst in ordered:
+        if partners == PARTNERS or dst is src:
+            break
+        if not dst.receives:
             continue
-        best: tuple[float, _P, tuple[_V, ...], tuple[_V, ...]] | None = None
-        for dst in ordered:
-            gap = src.demand - dst.demand
-            if gap < config.min_gain:
-                break
-            versions = (src.version, dst.version)
-            known = pairs.get((src.number, dst.number))
-            if known is not None and known[0] == versions:
-                found = known[1]
-            else:
-                found = _pair_step(src, dst, config, intervals, result)
-                pairs[src.number, dst.number] = (versions, found)
-            if found is not None and (best is None or found[0] > best[0]):
-                best = (found[0], dst, found[1], found[2])
-        if best is not None:
-            return src, best[1], best[2], best[3]
-    return None
+        if src.demand - dst.demand < config.min_gain:
+            break
+        partners += 1
+        versions = (src.version, dst.version)
+        known = pairs.get((src.number, dst.number))
+        if known is not None and known[0] == versions:
+            found = known[1]
+        else:
+            found = _pair_step(src, dst, config, intervals, result)
+            pairs[src.number, dst.number] = (versions, found)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = (found[0], dst, found[1], found[2])
+    return None if best is None else (best[1], best[2], best[3])
 
 
 def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) -> _Found | None:
@@ -584,9 +642,16 @@ def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) 
     options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]] = []
     for v in src.nearest(gap / 2, half, gap - half, CANDIDATES):
         options.append((abs(gap / 2 - v.mean), (v,), ()))
-    if dst.movable:
-        for out in src.movable:
+    # A swap costs a second pin: worth searching only where no move comes within min_gain of
+    # what a perfect step would narrow, and then for the vCPUs too big to move alone.
+    near = min((o[0] for o in options), default=math.inf)
+    if dst.movable and 2 * near > config.min_gain:
+        for out in src.nearest(gap / 2, gap / 2, math.inf, CANDIDATES):
+            if out.guess:
+                continue  # a swap weighs two demands against each other: not on a bound
             for back in dst.nearest(out.mean - gap / 2, out.mean - gap + half, out.mean - half, 2):
+                if back.guess:
+                    continue
                 options.append(
                     (abs(gap / 2 - out.mean + back.mean) + config.min_gain, (out,), (back,))
                 )
@@ -603,10 +668,10 @@ def _best_of(
 ) -> _Found | None:
     options.sort(key=lambda o: o[0])
     best: _Found | None = None
-    for _, out, back in options[: 2 * CANDIDATES]:
+    for _, out, back in options[:JUDGED]:
         verdict = _judge(src, dst, out, back, intervals)
         if verdict.taken(config.min_gain):
-            net = verdict.net(config.min_gain)
+            net = verdict.score(config.min_gain)
             if best is None or net > best[0]:
                 best = (net, out, back)
         else:
@@ -628,13 +693,18 @@ def _exchange(
         return None
     for dst in ordered[:EXCHANGE_PARTNERS]:
         gap = src.demand - dst.demand
+        if not dst.receives:
+            continue
         if gap < config.min_gain or len(dst.movable) > EXCHANGE_VCPUS:
             break
         versions = (src.version, dst.version)
         if stuck.get((src.number, dst.number)) == versions:
             continue
-        outs = [c for k in (1, 2) for c in itertools.combinations(src.movable, k)]
-        backs = [()] + [c for k in (1, 2) for c in itertools.combinations(dst.movable, k)]
+        # Exchanges weigh demands against each other: not on bounds.
+        mine = [v for v in src.movable if not v.guess]
+        theirs = [v for v in dst.movable if not v.guess]
+        outs = [c for k in (1, 2) for c in itertools.combinations(mine, k)]
+        backs = [()] + [c for k in (1, 2) for c in itertools.combinations(theirs, k)]
         options = []
         for out in outs:
             sent = sum(v.mean for v in out)

@@ -40,6 +40,10 @@ class Load:
 
     phases: tuple[tuple[float, float], ...]
     noise: float = 0.0
+    # A repeating pattern of (demand, seconds), shifted by `offset` seconds, that replaces the
+    # phases: a guest that bursts. Its steps are not load changes of the scenario.
+    pattern: tuple[tuple[float, float], ...] = ()
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.phases or self.phases[0][0] != 0.0:
@@ -53,6 +57,14 @@ class Load:
 
     def nominal(self, t: float) -> float:
         """The noise-free demand at simulated time `t`."""
+        if self.pattern:
+            period = sum(seconds for _, seconds in self.pattern)
+            at = (t - self.offset) % period
+            for demand, seconds in self.pattern:
+                if at < seconds:
+                    return demand
+                at -= seconds
+            return self.pattern[-1][0]
         value = self.phases[0][1]
         for start, demand in self.phases:
             if start > t:

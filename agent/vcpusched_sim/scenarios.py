@@ -2,7 +2,9 @@
 
 The first five are the classic cases of the vCPU-scheduling course (8 one-vCPU guests on 4
 pCPUs); the rest stretch the policy: more pCPUs, multi-vCPU guests, noise, load changes,
-guests coming and going, excluded guests, a restricted pCPU set and a large host.
+guests coming and going, excluded guests, a restricted pCPU set, large hosts, guests that
+burst on and off, more demand than the host has, guests that pack exactly, and mixed loads
+starting from one full pCPU.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class Scenario:
     seed: int = 0
     # One of the course's cases, where the agent must reach balance in the fewest pin changes.
     classic: bool = False
+    # The classes the targets single out (see bench.checks).
+    bursty: bool = False
+    oversubscribed: bool = False
+    packing: bool = False
+    from_full: bool = False
 
     @property
     def managed_pcpus(self) -> tuple[int, ...]:
@@ -59,7 +66,10 @@ class Scenario:
             return float(round(t * ratio / self.interval)) * self.interval
 
         def load(old: Load) -> Load:
-            return Load(tuple((at(t), demand) for t, demand in old.phases), old.noise)
+            # A burst pattern keeps its own timing: it is what the guest does, not the story.
+            return dataclasses.replace(
+                old, phases=tuple((at(t), demand) for t, demand in old.phases)
+            )
 
         domains = tuple(
             dataclasses.replace(
@@ -287,6 +297,134 @@ def _restricted() -> Scenario:
     )
 
 
+def bursty(high: float, low: float, on: int, off: int, offset: int = 0) -> Load:
+    """`high` for `on` seconds, then `low` for `off`, repeating; shifted by `offset`."""
+    return Load(((0.0, high),), pattern=((high, float(on)), (low, float(off))), offset=offset)
+
+
+def _bursty(
+    name: str, summary: str, steady: float, high: float, on: int, off: int, offsets: list[int]
+) -> Scenario:
+    # Round-robin: pCPU i holds steady guest i and bursty guest i.
+    domains = [_vm(f"steady{i}", constant(steady), _one(i)) for i in range(4)]
+    domains += [
+        _vm(f"burst{i}", bursty(high, 0.0, on, off, offset), _one(i))
+        for i, offset in enumerate(offsets)
+    ]
+    return Scenario(name, summary, 4, tuple(domains), bursty=True)
+
+
+def _bursty_cases() -> list[Scenario]:
+    return [
+        _bursty(
+            "bursty-50",
+            "4 steady guests of 30% and 4 that alternate 50% and 0% every 3 intervals, in"
+            " four phases, one of each per pCPU",
+            30.0,
+            50.0,
+            3,
+            3,
+            [0, 1, 3, 4],
+        ),
+        _bursty(
+            "bursty-100",
+            "4 steady guests of 20% and 4 that alternate 100% and 0% every interval, two in"
+            " each phase, one of each per pCPU",
+            20.0,
+            100.0,
+            1,
+            1,
+            [0, 1, 0, 1],
+        ),
+        _bursty(
+            "bursty-duty",
+            "4 steady guests of 40% and 4 that burst to 80% one interval in four, in four"
+            " phases, one of each per pCPU",
+            40.0,
+            80.0,
+            1,
+            3,
+            [0, 1, 2, 3],
+        ),
+        _bursty(
+            "bursty-slow",
+            "4 steady guests of 25% and 4 that alternate 60% and 0% every 8 intervals, two in"
+            " each phase, one of each per pCPU",
+            25.0,
+            60.0,
+            8,
+            8,
+            [0, 8, 0, 8],
+        ),
+    ]
+
+
+def _noise_20() -> Scenario:
+    return Scenario(
+        "noise-20",
+        "8 guests of 40% ±20% noise on 4 pCPUs, already balanced: nothing to do",
+        4,
+        round_robin(8, 4, noise=0.20),
+        seed=4,
+    )
+
+
+def _oversubscribed() -> Scenario:
+    counts = [5, 4, 2, 1]
+    homes = [p for p, n in enumerate(counts) for _ in range(n)]
+    domains = tuple(
+        _vm(n, constant(100.0), _one(p)) for n, p in zip(_names(12), homes, strict=True)
+    )
+    return Scenario(
+        "oversubscribed",
+        "12 guests each wanting a whole pCPU, pinned 5/4/2/1 on 4 pCPUs",
+        4,
+        domains,
+        oversubscribed=True,
+    )
+
+
+def _oversubscribed_lab() -> Scenario:
+    domains = tuple(
+        _vm(n, constant(100.0), _one(0 if i < 4 else 1)) for i, n in enumerate(_names(5))
+    )
+    return Scenario(
+        "oversubscribed-2",
+        "5 guests each wanting a whole pCPU, pinned 4/1 on 2 pCPUs (the lab's case)",
+        2,
+        domains,
+        oversubscribed=True,
+    )
+
+
+def _packing() -> Scenario:
+    # Triples (15, 25, 35) and (20, 25, 30) fill every pCPU to 75 exactly.
+    guests = [("a", 15.0), ("b", 20.0), ("c", 25.0), ("d", 25.0), ("e", 30.0), ("f", 35.0)]
+    domains = tuple(
+        DomainSpec(name, (constant(load),) * 4, (_one(i),) * 4)
+        for i, (name, load) in enumerate(guests)
+    )
+    return Scenario(
+        "packing",
+        "6 guests of 4 vCPUs (15, 20, 25, 25, 30, 35%) on 8 pCPUs, each guest on its own pCPU;"
+        " they pack to 75% everywhere",
+        8,
+        domains,
+        packing=True,
+    )
+
+
+def _mixed_full(name: str, loads: list[float], pcpus: int) -> Scenario:
+    return Scenario(
+        name,
+        f"{len(loads)} guests of {'/'.join(f'{x:g}' for x in loads)}% on {pcpus} pCPUs,"
+        " all on pCPU 0 (full)",
+        pcpus,
+        tuple(_vm(n, constant(x), _one(0)) for n, x in zip(_names(len(loads)), loads, strict=True)),
+        from_full=True,
+    )
+
+
 def _large() -> Scenario:
     rng = random.Random(7)
     domains = []
@@ -300,6 +438,23 @@ def _large() -> Scenario:
         "1,000 vCPUs (250 guests of 4) of 2-16% on 128 pCPUs, all on the first 64",
         128,
         tuple(domains),
+    )
+
+
+def _huge() -> Scenario:
+    rng = random.Random(11)
+    domains = []
+    for d in range(1000):
+        loads = tuple(constant(round(rng.uniform(1.0, 11.0), 1), noise=0.05) for _ in range(4))
+        affinity = tuple(_one((d * 4 + v) * 7 % 128) for v in range(4))
+        domains.append(DomainSpec(f"guest{d:04d}", loads, affinity))
+    return Scenario(
+        "huge",
+        "4,000 vCPUs (1,000 guests of 4) of 1-11% ±5% on 256 pCPUs, all on the first 128",
+        256,
+        tuple(domains),
+        cycles=60,
+        seed=5,
     )
 
 
@@ -317,6 +472,14 @@ def _build() -> dict[str, Scenario]:
         _excluded(),
         _restricted(),
         _large(),
+        *_bursty_cases(),
+        _noise_20(),
+        _oversubscribed(),
+        _oversubscribed_lab(),
+        _packing(),
+        _mixed_full("mixed-full-2", [70.0, 50.0, 30.0, 10.0], 2),
+        _mixed_full("mixed-full", [70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 20.0, 10.0], 4),
+        _huge(),
     ]
     return {s.name: s for s in scenarios}
 
