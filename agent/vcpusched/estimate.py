@@ -39,8 +39,9 @@ PLACE_SAMPLES = 8
 
 
 def short(vcpu: Vcpu) -> bool:
-    """Whether this reading of `vcpu` is a bound: it never idled, so it wanted more."""
-    return vcpu.demand > vcpu.received + SHORT
+    """Whether this reading of `vcpu` is a bound: it never idled, so it may have wanted more.
+    One that received a whole pCPU never idled either."""
+    return vcpu.demand > vcpu.received + SHORT or vcpu.received >= 100.0 - SHORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,4 +176,4 @@ def _read_bound(received: float, demand: float, known: Iterable[float]) -> float
     it was runnable; taking the top of that sent guests that wanted 40 onto pCPUs as if they
     wanted a whole one)."""
     inside = [k for k in known if received - SHORT <= k <= demand]
-    return max(inside) if inside else (received + demand) / 2
+    return max(inside) if inside else demand

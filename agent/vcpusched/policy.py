@@ -144,7 +144,13 @@ def water_level(demands: Iterable[float], capacity: float) -> float:
 
 
 def _fill(values: Sequence[float], capacity: float) -> tuple[float, float]:
-    """(shortfall, worst share) of vCPUs with these demands sharing `capacity`."""
+    """(shortfall, worst share) of vCPUs with these demands sharing `capacity`.
+
+    The shortfall of a vCPU is what it misses, d - r, plus (d - r)^2 / d: the first is the
+    time the placement leaves unserved, the second weighs most the worst-off, so that among
+    placements that serve the same time the fairer one wins (5/4/2/1 vCPUs wanting a whole
+    pCPU each leave the same time unserved as 3/3/3/3).
+    """
     if sum(values) <= capacity:
         return 0.0, 1.0
     level = water_level(values, capacity)
@@ -152,9 +158,26 @@ def _fill(values: Sequence[float], capacity: float) -> tuple[float, float]:
     worst = 1.0
     for d in values:
         if d > level:
-            cost += (d - level) ** 2 / d
+            cost += (d - level) + (d - level) ** 2 / d
             worst = min(worst, level / d)
     return cost, worst
+
+
+def _harms(
+    members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, capacity: float
+) -> bool:
+    """Whether guesses coming here would leave a vCPU known to be satisfied short of time.
+
+    A guessed demand is an upper bound (a vCPU that never idles wants at most all the time it
+    was runnable): it may push out of room a vCPU whose demand is known, for a demand that is
+    not there. Guesses among guesses, or on a pCPU with room for them, are fair game.
+    """
+    values = _after(members, leaving, coming, t)
+    if sum(values) <= capacity:
+        return False
+    level = water_level(values, capacity)
+    gone = {id(v) for v in leaving}
+    return any(not m.guess and m.series[t] > level + 1e-9 for m in members if id(m) not in gone)
 
 
 # -- the planner's picture of the host ------------------------------------------------------
@@ -196,6 +219,8 @@ class _P:
     # Took a vCPU whose demand is a guess (read short): no further step here in this plan,
     # the next reading tells what it holds.
     frozen: bool = False
+    # Shed a guess: what it holds now is a guess of a new situation; it takes no guess.
+    shed: bool = False
 
     @property
     def receives(self) -> bool:
@@ -319,15 +344,14 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     span = 1 if flat else intervals
     cost_a, cost_b = a.costs(intervals), b.costs(intervals)
     cap_a, cap_b = a.capacity, b.capacity
+    guess_out = any(v.guess for v in out)
+    guess_back = any(v.guess for v in back)
     gains: list[float] = []
     worst = 0.0
     for t in range(span):
         moved = sum(v.series[t] for v in out) - sum(v.series[t] for v in back)
         sa, sb = a.sums[t], b.sums[t]
         sa2, sb2 = sa - moved, sb + moved
-        gap = (min(sa, cap_a) + a.other) - (min(sb, cap_b) + b.other)
-        gap2 = (min(sa2, cap_a) + a.other) - (min(sb2, cap_b) + b.other)
-        gain = abs(gap) - abs(gap2)
         (ca, wa), (cb, wb) = cost_a[t], cost_b[t]
         if sa2 > cap_a:
             ca2, wa2 = _fill(_after(a.members, out, back, t), cap_a)
@@ -337,7 +361,17 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
             cb2, wb2 = _fill(_after(b.members, back, out, t), cap_b)
         else:
             cb2, wb2 = 0.0, 1.0
-        gain += ca + cb - ca2 - cb2
+        if (guess_out and _harms(b.members, back, out, t, cap_b)) or (
+            guess_back and _harms(a.members, out, back, t, cap_a)
+        ):
+            return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
+        if ca or cb or ca2 or cb2:
+            gain = ca + cb - ca2 - cb2
+        else:
+            # Everyone gets what they want either way: then the spread decides.
+            gap = (sa + a.other) - (sb + b.other)
+            gap2 = (sa2 + a.other) - (sb2 + b.other)
+            gain = abs(gap) - abs(gap2)
         gains.append(gain)
         worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
     mean = sum(gains) / span
@@ -427,13 +461,14 @@ def decide(
             # Counters of different precision jitter a steady vCPU by a fraction of a point:
             # one interval tells all, and judging one is what keeps big plans fast.
             series = (mean,) * intervals
+        guess = e is not None and e.guess
         views[vcpu.ref] = _V(
             vcpu,
             series,
             mean,
             flat,
             1 if e is None else e.readings,
-            e is not None and e.guess,
+            guess,
         )
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
     measuring = [
@@ -514,6 +549,7 @@ def _step(
         src.remove(v)
         dst.add(v)
         dst.frozen = dst.frozen or v.guess
+        src.shed = src.shed or v.guess
     for v in back:
         result.add(v, dst, src, reason, demands[::-1])
         dst.remove(v)
@@ -555,6 +591,8 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                     want, math.nextafter(gap / 2, math.inf), gap - half, CANDIDATES
                 )
                 for v in candidates:
+                    if v.guess and dst.shed:
+                        continue
                     verdict = _judge(src, dst, (v,), (), intervals)
                     if verdict.taken(config.min_gain):
                         _step(src, dst, (v,), (), "high", result)
@@ -641,7 +679,8 @@ def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) 
     half = config.min_gain / 2
     options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]] = []
     for v in src.nearest(gap / 2, half, gap - half, CANDIDATES):
-        options.append((abs(gap / 2 - v.mean), (v,), ()))
+        if not (v.guess and dst.shed):
+            options.append((abs(gap / 2 - v.mean), (v,), ()))
     # A swap costs a second pin: worth searching only where no move comes within min_gain of
     # what a perfect step would narrow, and then for the vCPUs too big to move alone.
     near = min((o[0] for o in options), default=math.inf)
