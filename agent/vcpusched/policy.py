@@ -219,12 +219,12 @@ class _P:
     # Took a vCPU whose demand is a guess (read short): no further step here in this plan,
     # the next reading tells what it holds.
     frozen: bool = False
-    # Shed a guess: what it holds now is a guess of a new situation; it takes no guess.
+    # Shed a guess: what it holds now is a guess of a new situation; it takes nothing more.
     shed: bool = False
 
     @property
     def receives(self) -> bool:
-        return not self.frozen
+        return not self.frozen and not self.shed
 
     _costs: tuple[int, list[tuple[float, float]]] | None = None
     _readings: tuple[int, int] | None = None
@@ -365,13 +365,12 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
             guess_back and _harms(a.members, out, back, t, cap_a)
         ):
             return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
-        if ca or cb or ca2 or cb2:
-            gain = ca + cb - ca2 - cb2
-        else:
-            # Everyone gets what they want either way: then the spread decides.
-            gap = (sa + a.other) - (sb + b.other)
+        gain = ca + cb - ca2 - cb2
+        if not (ca2 or cb2):
+            # Where everyone would get what they want, the spread of demand counts too.
+            gap = (min(sa, cap_a) + a.other) - (min(sb, cap_b) + b.other)
             gap2 = (sa2 + a.other) - (sb2 + b.other)
-            gain = abs(gap) - abs(gap2)
+            gain += abs(gap) - abs(gap2)
         gains.append(gain)
         worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
     mean = sum(gains) / span
@@ -549,7 +548,9 @@ def _step(
         src.remove(v)
         dst.add(v)
         dst.frozen = dst.frozen or v.guess
-        src.shed = src.shed or v.guess
+        # What a pCPU whose vCPUs read short holds after it sheds is a guess of a new
+        # situation: it takes nothing more until its next reading.
+        src.shed = src.shed or v.guess or src.guesses > 0
     for v in back:
         result.add(v, dst, src, reason, demands[::-1])
         dst.remove(v)
@@ -591,8 +592,6 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                     want, math.nextafter(gap / 2, math.inf), gap - half, CANDIDATES
                 )
                 for v in candidates:
-                    if v.guess and dst.shed:
-                        continue
                     verdict = _judge(src, dst, (v,), (), intervals)
                     if verdict.taken(config.min_gain):
                         _step(src, dst, (v,), (), "high", result)
@@ -679,15 +678,14 @@ def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) 
     half = config.min_gain / 2
     options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]] = []
     for v in src.nearest(gap / 2, half, gap - half, CANDIDATES):
-        if not (v.guess and dst.shed):
-            options.append((abs(gap / 2 - v.mean), (v,), ()))
+        options.append((abs(gap / 2 - v.mean), (v,), ()))
     # A swap costs a second pin: worth searching only where no move comes within min_gain of
     # what a perfect step would narrow, and then for the vCPUs too big to move alone.
     near = min((o[0] for o in options), default=math.inf)
-    if dst.movable and 2 * near > config.min_gain:
+    if dst.movable and src.receives and 2 * near > config.min_gain:
         for out in src.nearest(gap / 2, gap / 2, math.inf, CANDIDATES):
             if out.guess:
-                continue  # a swap weighs two demands against each other: not on a bound
+                continue  # swaps on guesses only where nothing else is left (_exchange)
             for back in dst.nearest(out.mean - gap / 2, out.mean - gap + half, out.mean - half, 2):
                 if back.guess:
                     continue
@@ -728,7 +726,7 @@ def _exchange(
     """Where no single move or swap gains, exchanges of up to two vCPUs each way between the
     most loaded pCPU and the least loaded ones (guests of several equal vCPUs get stuck so)."""
     src = ordered[-1]
-    if not src.movable or len(src.movable) > EXCHANGE_VCPUS:
+    if not src.movable or not src.receives or len(src.movable) > EXCHANGE_VCPUS:
         return None
     for dst in ordered[:EXCHANGE_PARTNERS]:
         gap = src.demand - dst.demand
@@ -739,16 +737,13 @@ def _exchange(
         versions = (src.version, dst.version)
         if stuck.get((src.number, dst.number)) == versions:
             continue
-        # Exchanges weigh demands against each other: not on bounds.
-        mine = [v for v in src.movable if not v.guess]
-        theirs = [v for v in dst.movable if not v.guess]
-        outs = [c for k in (1, 2) for c in itertools.combinations(mine, k)]
-        backs = [()] + [c for k in (1, 2) for c in itertools.combinations(theirs, k)]
+        outs = [c for k in (1, 2) for c in itertools.combinations(src.movable, k)]
+        backs = [()] + [c for k in (1, 2) for c in itertools.combinations(dst.movable, k)]
         options = []
         for out in outs:
             sent = sum(v.mean for v in out)
             for back in backs:
-                if len(out) + len(back) <= 2:
+                if len(out) + len(back) <= 2 and not any(v.guess for v in (*out, *back)):
                     continue  # single moves and swaps were tried
                 moved = sent - sum(v.mean for v in back)
                 if config.min_gain / 2 <= moved <= gap - config.min_gain / 2:
