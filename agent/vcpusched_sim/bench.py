@@ -8,6 +8,7 @@ with the default configuration or the one given by --config; only the host is si
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -37,10 +38,17 @@ QUICK_CYCLES = 60
 # one point of what the optimum placement shows at the same moment.
 BALANCED_PCT = 1.0
 BALANCED_POINTS = 1.0
-# Timing targets (ms).
-DECISION_MS = 20.0
+# Timing target (ms).
 AGENT_CPU_MS = 5.0
 CONVERGE_CYCLES = 2
+# A vCPU that received less than this share of its demand was short of time.
+SHORT_SHARE = 0.99
+# The classes of scenarios the issue's targets single out.
+BURSTY_SETTLE = 30  # cycles after which a bursty host's pins should hold
+BURSTY_PINS = 2.0  # pin changes per 100 cycles, at most, after that
+WORST_POINTS = 2.0  # the worst-off share within this of the max-min optimum...
+WORST_CYCLES = 5  # ...within this many cycles
+STEADY_MS = {1000: 20.0, 4000: 100.0}  # plan time medians, by vCPUs
 
 
 # -- running -------------------------------------------------------------------------------
@@ -110,6 +118,10 @@ class Trace:
     cpu: list[float] = field(default_factory=list)
     demanded: float = 0.0
     received: float = 0.0
+    # Per interval 1..N: the worst-off managed vCPU's share of its demand (%), and whether some
+    # managed vCPU was short of time (its demand then not in the host's counters).
+    worst: list[float] = field(default_factory=lambda: [100.0])
+    short: list[bool] = field(default_factory=lambda: [False])
     # Fewest pin changes that reach the optimum balance from the placement at each epoch
     # start (measured on our agent's own run); None when too large to search.
     minimum: dict[int, int | None] = field(default_factory=dict)
@@ -136,6 +148,7 @@ def run(scenario: Scenario, policy_name: str, config: Config | None = None) -> T
     ours = controller if isinstance(controller, _AgentController) else None
     trace = Trace(scenario, policy_name)
     pcpus = scenario.managed_pcpus
+    scope = scenario.scope()
     starts = set(boundaries(scenario))
     for cycle in range(scenario.cycles + 1):
         if cycle:
@@ -144,6 +157,9 @@ def run(scenario: Scenario, policy_name: str, config: Config | None = None) -> T
             trace.nominal.append([stats.nominal_util[p] for p in pcpus])
             trace.demanded += stats.demanded
             trace.received += stats.received
+            shares = [stats.share(r) for r in stats.vcpu_demanded if scope.managed(r.domain)]
+            trace.worst.append(100.0 * min(shares, default=1.0))
+            trace.short.append(any(x < SHORT_SHARE for x in shares))
         pins = host.pin_changes
         if ours is not None:
             ours.balancer.spent = 0.0
@@ -342,22 +358,40 @@ def checks(runs: Sequence[ScenarioRun]) -> list[Check]:
     out: list[Check] = []
     if not ours:
         return out
+    by_name = {r.scenario.name: r for r in runs}
 
-    slow = [
-        f"{s.name} ({'never' if r.converge is None else r.converge})"
+    # Where the host reports every demand when the load changes (no vCPU short of time in the
+    # epoch's first interval); bursty hosts have no load changes to converge after.
+    timed: list[str] = []
+    slow: list[str] = []
+    for s, r in ours:
+        if s.bursty:
+            continue
+        trace = by_name[s.name].traces[OURS]
+        for e in r.epochs:
+            if e.first < len(trace.short) and not trace.short[e.first]:
+                timed.append(s.name)
+                c = e.cycles_to_converge
+                if c is None or c > CONVERGE_CYCLES:
+                    slow.append(f"{s.name} ({'never' if c is None else c})")
+    every = [
+        f"{s.name} {'never' if r.converge is None else r.converge}"
         for s, r in ours
-        if r.converge is None or r.converge > CONVERGE_CYCLES
+        if not s.bursty and (r.converge is None or r.converge > CONVERGE_CYCLES)
     ]
-    worst = max((r.converge for _, r in ours if r.converge is not None), default=0)
     out.append(
         Check(
-            f"balanced within {CONVERGE_CYCLES} cycles of any load change",
+            f"balanced within {CONVERGE_CYCLES} cycles of a load change where the host reports"
+            " the demand",
             not slow,
-            f"slowest {worst} cycles over {len(ours)} scenarios; over target: {_names(slow)}",
+            f"{len(timed)} such epochs in {len(set(timed))} scenarios; over target:"
+            f" {_names(slow)}. (Where it does not, cycles: {_names(every)})",
         )
     )
 
-    noisy = [(s, r) for s, r in ours if any(_noisy(d) for d in s.domains)]
+    noisy = [
+        (s, r) for s, r in ours if any(_noisy(d, 0.05) for d in s.domains) and not s.pcpus > 128
+    ]
     if noisy:
         moving = [f"{s.name} ({r.moves_after})" for s, r in noisy if r.moves_after != 0]
         after = ", ".join(f"{s.name}: {r.moves_after} in {s.cycles} cycles" for s, r in noisy)
@@ -366,6 +400,83 @@ def checks(runs: Sequence[ScenarioRun]) -> list[Check]:
                 "zero moves after convergence with ±5% noise",
                 not moving if all(s.cycles >= 300 for s, _ in noisy) else None,
                 after + ("" if all(s.cycles >= 300 for s, _ in noisy) else " (short run)"),
+            )
+        )
+    noise20 = [s for s, _ in ours if any(_noisy(d, 0.20) for d in s.domains)]
+    for s in noise20:
+        pins = sum(by_name[s.name].traces[OURS].moves)
+        out.append(
+            Check(
+                "±20% noise on a balanced host: no pin change",
+                pins == 0 if s.cycles >= 300 else None,
+                f"{s.name}: {pins} in {s.cycles} cycles",
+            )
+        )
+
+    bursty = [s for s, _ in ours if s.bursty]
+    if bursty:
+        worse: list[str] = []
+        rates: list[str] = []
+        details: list[str] = []
+        for s in bursty:
+            run = by_name[s.name]
+            mine, alone = run.results[OURS], run.results.get("static")
+            later = run.traces[OURS].moves[BURSTY_SETTLE + 1 :]
+            rate = 100.0 * sum(later) / max(len(later), 1)
+            details.append(
+                f"{s.name}: unmet {mine.unmet:.1f}% SD {mine.sd:.1f}"
+                + (f" (left alone {alone.unmet:.1f}% {alone.sd:.1f})" if alone else "")
+                + f", {rate:.1f} pins/100 cycles after {BURSTY_SETTLE}"
+            )
+            if alone is not None and (
+                round(mine.unmet, 1) > round(alone.unmet, 1)
+                or round(mine.sd, 1) > round(alone.sd, 1)
+            ):
+                worse.append(s.name)
+            if rate > BURSTY_PINS:
+                rates.append(s.name)
+        out.append(
+            Check(
+                "bursty: never worse than leaving the pins alone (unmet, SD), at most"
+                f" {BURSTY_PINS:g} pins per 100 cycles after cycle {BURSTY_SETTLE}",
+                not worse and not rates,
+                "; ".join(details),
+            )
+        )
+
+    over = [s for s, _ in ours if s.oversubscribed]
+    for s in over:
+        run = by_name[s.name]
+        got, best = (
+            run.traces[OURS].worst,
+            run.traces["optimum"].worst if "optimum" in run.traces else None,
+        )
+        if best is None:
+            continue
+        late = range(WORST_CYCLES, len(got))
+        gap = max((best[c] - got[c] for c in late), default=0.0)
+        out.append(
+            Check(
+                f"oversubscribed: worst-off share within {WORST_POINTS:g} points of the max-min"
+                f" optimum from cycle {WORST_CYCLES}",
+                gap <= WORST_POINTS,
+                f"{s.name}: worst-off {got[-1]:.1f}% (optimum {best[-1]:.1f}%), at its worst"
+                f" {gap:.1f} points below it after cycle {WORST_CYCLES}",
+            )
+        )
+
+    packing = [(s, r) for s, r in ours if s.packing]
+    for s, r in packing:
+        best_sd = (
+            by_name[s.name].results["optimum"].sd if "optimum" in by_name[s.name].results else None
+        )
+        if best_sd is None:
+            continue
+        out.append(
+            Check(
+                "multi-vCPU packing: SD within 1 point of the optimum",
+                r.sd <= best_sd + 1.0,
+                f"{s.name}: SD {r.sd:.1f} (optimum {best_sd:.1f})",
             )
         )
 
@@ -383,16 +494,54 @@ def checks(runs: Sequence[ScenarioRun]) -> list[Check]:
                 f"{len(classic) - len(off)}/{len(classic)} equal; differ: {_names(off)}",
             )
         )
-
-    large = [(s, r) for s, r in ours if s.vcpus >= 1000]
-    for s, r in large:
+    full = [(s, r) for s, r in ours if s.from_full]
+    if full:
+        off = [
+            f"{s.name} ({r.moves_to} vs {r.minimum})"
+            for s, r in full
+            if r.minimum is None or r.moves_to > r.minimum + 1
+        ]
+        shown = ", ".join(f"{s.name} {r.moves_to} ({r.minimum})" for s, r in full)
         out.append(
             Check(
-                f"decision time < {DECISION_MS:g} ms for {s.vcpus} vCPUs on {s.pcpus} pCPUs",
-                r.decide_ms[1] < DECISION_MS,
-                f"{s.name}: median {r.decide_ms[0]:.2f} ms, max {r.decide_ms[1]:.2f} ms",
+                "pin changes to converge from a full pCPU at most the minimum + 1",
+                not off,
+                f"{shown}; over: {_names(off)}",
             )
         )
+
+    steady_by_size: dict[int, float] = {}
+    for s, r in ours:
+        limit = STEADY_MS.get(s.vcpus)
+        if limit is None:
+            continue
+        trace = by_name[s.name].traces[OURS]
+        settled = max((e.converged or len(trace.decide)) for e in r.epochs[:1])
+        cold = [1000.0 * d for d in trace.decide[1:settled]] or [0.0]
+        steady = [1000.0 * d for d in trace.decide[settled:]] or [0.0]
+        steady_by_size[s.vcpus] = statistics.median(steady)
+        out.append(
+            Check(
+                f"plan time < {limit:g} ms for {s.vcpus} vCPUs on {s.pcpus} pCPUs (medians, cold"
+                " and steady)",
+                statistics.median(cold) < limit and statistics.median(steady) < limit,
+                f"{s.name}: cold (cycles 1-{settled - 1}) median {statistics.median(cold):.1f} ms,"
+                f" max {max(cold):.1f} ms; steady median {statistics.median(steady):.1f} ms,"
+                f" max {max(steady):.1f} ms",
+            )
+        )
+    if len(steady_by_size) == 2:
+        small, big = sorted(steady_by_size)
+        bound = big * math.log(big) / (small * math.log(small))
+        ratio = steady_by_size[big] / max(steady_by_size[small], 1e-9)
+        out.append(
+            Check(
+                "steady plan time grows no worse than n log n",
+                ratio <= bound,
+                f"{small} -> {big} vCPUs: x{ratio:.1f} (n log n: x{bound:.1f})",
+            )
+        )
+
     eight = [(s, r) for s, r in ours if len(s.domains) == 8]
     if eight:
         worst_median = max(r.cpu_ms[0] for _, r in eight)
@@ -408,8 +557,8 @@ def checks(runs: Sequence[ScenarioRun]) -> list[Check]:
     return out
 
 
-def _noisy(domain: DomainSpec) -> bool:
-    return any(load.noise > 0 for load in domain.loads)
+def _noisy(domain: DomainSpec, level: float) -> bool:
+    return any(abs(load.noise - level) < 1e-9 for load in domain.loads)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -470,7 +619,8 @@ def table(runs: Sequence[ScenarioRun], markdown: bool = False) -> str:
 
 def _window(scenario: Scenario) -> int:
     """How many cycles to plot: the whole run if anything happens later, else the start."""
-    if scenario.change_times() or any(_noisy(d) for d in scenario.domains):
+    noisy = any(load.noise or load.pattern for d in scenario.domains for load in d.loads)
+    if scenario.change_times() or noisy:
         return scenario.cycles
     return min(scenario.cycles, 30)
 

@@ -234,6 +234,14 @@ class TickStats:
     # CPU time in pCPU-seconds (100% for 1 s = 1.0), summed over all vCPUs.
     demanded: float = 0.0
     received: float = 0.0
+    # Each vCPU's CPU time received and demanded, in pCPU-seconds.
+    vcpu_received: dict[VcpuRef, float] = field(default_factory=dict)
+    vcpu_demanded: dict[VcpuRef, float] = field(default_factory=dict)
+
+    def share(self, ref: VcpuRef) -> float:
+        """The share of its demand a vCPU received over the tick (1.0 when it wanted none)."""
+        want = self.vcpu_demanded.get(ref, 0.0)
+        return 1.0 if want <= 1e-9 else min(1.0, self.vcpu_received.get(ref, 0.0) / want)
 
 
 class SimHost:
@@ -336,6 +344,8 @@ class SimHost:
                 vcpu.wait_ns += (FULL - got if short else 0.0) / FULL * span * NS
                 stats.demanded += want / FULL * span
                 stats.received += got / FULL * span
+                stats.vcpu_demanded[ref] = stats.vcpu_demanded.get(ref, 0.0) + want / FULL * span
+                stats.vcpu_received[ref] = stats.vcpu_received.get(ref, 0.0) + got / FULL * span
             for p in self.pcpus:
                 self._busy_ns[p] += pcpu_busy[p] / FULL * span * NS
                 busy[p] += pcpu_busy[p] * span
