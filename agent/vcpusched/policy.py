@@ -60,6 +60,9 @@ EXCHANGE_PARTNERS = 4
 # what keeps a plan on a host of thousands of vCPUs within milliseconds.
 PARTNERS = 4
 ROUNDS = 64
+# Steps judged per plan at most: what a plan on a crowded host of thousands of vCPUs leaves
+# to the next cycle, to stay within its time (a step judged costs up to a few tens of µs).
+JUDGE_BUDGET = 800
 # A vCPU whose readings over the window stay within this (points) is steady.
 FLAT_POINTS = 0.5
 
@@ -407,6 +410,15 @@ class _Plan:
     def __init__(self) -> None:
         self.moves: dict[VcpuRef, Move] = {}
         self.held: dict[str, int] = defaultdict(int)
+        self.judged = 0
+
+    def afford(self) -> bool:
+        """Whether the plan may judge one more step (see JUDGE_BUDGET)."""
+        if self.judged >= JUDGE_BUDGET:
+            self.held["budget"] = 1
+            return False
+        self.judged += 1
+        return True
 
     def add(
         self, v: _V, src: _P | None, dst: _P, reason: str, demands: tuple[float, float]
@@ -592,6 +604,8 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                     want, math.nextafter(gap / 2, math.inf), gap - half, CANDIDATES
                 )
                 for v in candidates:
+                    if not result.afford():
+                        return
                     verdict = _judge(src, dst, (v,), (), intervals)
                     if verdict.taken(config.min_gain):
                         _step(src, dst, (v,), (), "high", result)
@@ -706,6 +720,8 @@ def _best_of(
     options.sort(key=lambda o: o[0])
     best: _Found | None = None
     for _, out, back in options[:JUDGED]:
+        if not result.afford():
+            break
         verdict = _judge(src, dst, out, back, intervals)
         if verdict.taken(config.min_gain):
             net = verdict.score(config.min_gain)
