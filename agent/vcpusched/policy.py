@@ -377,7 +377,8 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         gains.append(gain)
         worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
     mean = sum(gains) / span
-    prior = PRIOR_GAIN if readings < PRIOR_READINGS else 0.0
+    # Every vCPU a step moves brings its own unknown noise.
+    prior = PRIOR_GAIN * math.sqrt(len(out) + len(back)) if readings < PRIOR_READINGS else 0.0
     spread = _standard_error(gains, mean) if span > 1 else 0.0
     return _Verdict(mean, math.hypot(spread, prior), worst / span, len(out) + len(back))
 
@@ -603,15 +604,23 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                 candidates = src.nearest(want, half, gap / 2, CANDIDATES) + src.nearest(
                     want, math.nextafter(gap / 2, math.inf), gap - half, CANDIDATES
                 )
+                # Of the fits, the one that gains most (the best fit to target, as a rule),
+                # a guess counting less by as much as its bound leaves open.
+                best: tuple[float, _V] | None = None
                 for v in candidates:
                     if not result.afford():
                         return
                     verdict = _judge(src, dst, (v,), (), intervals)
-                    if verdict.taken(config.min_gain):
-                        _step(src, dst, (v,), (), "high", result)
-                        moved = True
-                        break
-                    _count_held(verdict, config, result)
+                    rank = verdict.net(config.min_gain)
+                    if v.guess:
+                        rank -= max(0.0, v.mean - v.vcpu.received)
+                    if not verdict.taken(config.min_gain):
+                        _count_held(verdict, config, result)
+                    elif best is None or rank > best[0]:
+                        best = (rank, v)
+                if best is not None:
+                    _step(src, dst, (best[1],), (), "high", result)
+                    moved = True
                 if src.util <= config.high or not src.movable:
                     break
         if not moved:
@@ -741,6 +750,8 @@ def _exchange(
 ) -> tuple[_P, _P, tuple[_V, ...], tuple[_V, ...]] | None:
     """Where no single move or swap gains, exchanges of up to two vCPUs each way between the
     most loaded pCPU and the least loaded ones (guests of several equal vCPUs get stuck so)."""
+    if not ordered:
+        return None
     src = ordered[-1]
     if not src.movable or not src.receives or len(src.movable) > EXCHANGE_VCPUS:
         return None

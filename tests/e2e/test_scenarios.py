@@ -46,7 +46,7 @@ from tests.lab.lab import (
     read_proc_stat,
     utilization,
 )
-from vcpusched.stats import PLACE_SAMPLES
+from vcpusched.estimate import PLACE_SAMPLES
 
 pytestmark = pytest.mark.lab
 

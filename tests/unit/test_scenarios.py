@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vcpusched.estimate import PLACE_SAMPLES
 from vcpusched.model import VcpuRef
-from vcpusched.stats import PLACE_SAMPLES
 from vcpusched_sim import bench
 from vcpusched_sim.baselines import (
     best_partition,
