@@ -31,6 +31,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vcpusched.config import Config
 from vcpusched.estimate import Estimate, Estimator
@@ -65,6 +66,15 @@ ROUNDS = 64
 JUDGE_BUDGET = 800
 # A vCPU whose readings over the window stay within this (points) is steady.
 FLAT_POINTS = 0.5
+
+
+class Planner(Protocol):
+    """What the agent's cycle asks of a policy (the benchmark hands it others to compare)."""
+
+    def reconfigure(self, config: Config) -> None: ...
+    def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan: ...
+    def applied(self, moves: Sequence[Move]) -> None: ...
+    def forget(self) -> None: ...
 
 
 class Balancer:
@@ -482,6 +492,9 @@ def decide(
             1 if e is None else e.readings,
             guess,
         )
+    fresh = sum(1 for v in views.values() if v.readings < MIN_READINGS and not v.vcpu.excluded)
+    if fresh:
+        result.held["readings"] = fresh  # judged from the next reading on
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
     measuring = [
         v for v in to_place if v.pcpu is None and (e := estimates.get(v.ref)) and e.measuring

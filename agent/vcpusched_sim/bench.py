@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vcpusched import policy
 from vcpusched.config import Config, ConfigError, load_config, override
 from vcpusched.model import Move, Plan, Snapshot, VcpuRef, format_cpus
+from vcpusched.policy import Balancer, Planner
 from vcpusched.service import Agent
 from vcpusched_sim.baselines import (
     BASELINES,
@@ -29,10 +29,13 @@ from vcpusched_sim.baselines import (
     plan_optimum,
 )
 from vcpusched_sim.host import DomainSpec, SimHost
+from vcpusched_sim.previous import PreviousBalancer
 from vcpusched_sim.scenarios import SCENARIOS, Scenario
 
 OURS = "vcpusched"
-POLICIES = (OURS, "static", "no-pin", "greedy", "optimum")
+# The policy before the one objective, for its row beside the new one's.
+PREVIOUS = "previous"
+POLICIES = (OURS, PREVIOUS, "static", "no-pin", "greedy", "optimum")
 QUICK_CYCLES = 60
 # A pCPU set this balanced counts as converged: SD within 1% of the mean load, or within
 # one point of what the optimum placement shows at the same moment.
@@ -54,32 +57,41 @@ STEADY_MS = {1000: 20.0, 4000: 100.0}  # plan time medians, by vCPUs
 # -- running -------------------------------------------------------------------------------
 
 
-class _TimedBalancer(policy.Balancer):
-    """The agent's own balancer, handed to it with a clock that times each plan."""
+class _Timed:
+    """A policy handed to the agent with a clock that times each of its plans."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.process_time) -> None:
-        super().__init__(config)
+    def __init__(self, planner: Planner, clock: Callable[[], float] = time.process_time) -> None:
+        self.planner = planner
         self.clock = clock
         self.spent = 0.0
+
+    def reconfigure(self, config: Config) -> None:
+        self.planner.reconfigure(config)
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         start = self.clock()
         try:
-            return super().plan(snapshot, online)
+            return self.planner.plan(snapshot, online)
         finally:
             self.spent += self.clock() - start
 
+    def applied(self, moves: Sequence[Move]) -> None:
+        self.planner.applied(moves)
+
+    def forget(self) -> None:
+        self.planner.forget()
+
 
 class _AgentController:
-    name = OURS
-
-    def __init__(self, host: SimHost, scenario: Scenario, config: Config) -> None:
+    def __init__(self, host: SimHost, scenario: Scenario, config: Config, name: str = OURS) -> None:
         # The scenario decides what is excluded and which pCPUs are managed; the rest
         # (thresholds, min_gain) comes from the config under test.
         config = override(
             config, interval=scenario.interval, exclude=scenario.exclude, cpus=scenario.cpus
         )
-        self.balancer = _TimedBalancer(config)
+        self.name = name
+        planner: Planner = PreviousBalancer(config) if name == PREVIOUS else Balancer(config)
+        self.balancer = _Timed(planner)
         self.agent = Agent(host, config, self.balancer)
         self.moves: list[Move] = []
 
@@ -94,8 +106,8 @@ class _AgentController:
 
 
 def _controller(name: str, host: SimHost, scenario: Scenario, config: Config) -> Controller:
-    if name == OURS:
-        return _AgentController(host, scenario, config)
+    if name in (OURS, PREVIOUS):
+        return _AgentController(host, scenario, config, name)
     if name == Optimum.name:
         return Optimum(host, scenario.scope())
     return BASELINES[name](host, scenario.scope())
@@ -205,6 +217,7 @@ class Result:
     sd_pct: float
     spread: float
     unmet: float
+    worst: float  # the worst-off vCPU's share of its demand (%), over the same intervals as SD
     epochs: tuple[Epoch, ...]
     decide_ms: tuple[float, float]  # median, max
     cpu_ms: tuple[float, float]
@@ -296,6 +309,7 @@ def evaluate(trace: Trace, optimum: Trace, minimum: dict[int, int | None]) -> Re
     sds = [_sd(trace.util[s]) for s in steady]
     means = [statistics.fmean(trace.util[s]) for s in steady]
     spreads = [max(trace.util[s]) - min(trace.util[s]) for s in steady]
+    worst = statistics.fmean(trace.worst[s] for s in steady) if len(trace.worst) > 1 else 100.0
     sd = statistics.fmean(sds)
     mean = statistics.fmean(means)
     unmet = 100.0 * (trace.demanded - trace.received) / trace.demanded if trace.demanded else 0.0
@@ -308,6 +322,7 @@ def evaluate(trace: Trace, optimum: Trace, minimum: dict[int, int | None]) -> Re
         sd_pct=100.0 * sd / mean if mean else 0.0,
         spread=statistics.fmean(spreads),
         unmet=max(unmet, 0.0),
+        worst=worst,
         epochs=tuple(epochs),
         decide_ms=(statistics.median(decide), max(decide)),
         cpu_ms=(statistics.median(cpu), max(cpu)),
@@ -570,6 +585,7 @@ COLUMNS = (
     "SD %",
     "max-min",
     "unmet %",
+    "worst %",
     "cycles",
     "pins (min)",
     "pins after",
@@ -583,7 +599,8 @@ def _row(result: Result) -> list[str]:
     shown = result.minimum if result.policy == OURS else None
     minimum = "" if shown is None else f" ({shown})"
     after = "-" if result.moves_after is None else str(result.moves_after)
-    plan = f"{result.decide_ms[0]:.2f}/{result.decide_ms[1]:.2f}" if result.policy == OURS else ""
+    timed = result.policy in (OURS, PREVIOUS)
+    plan = f"{result.decide_ms[0]:.2f}/{result.decide_ms[1]:.2f}" if timed else ""
     name = result.policy if result.exact else f"{result.policy}~"
     return [
         result.scenario,
@@ -592,6 +609,7 @@ def _row(result: Result) -> list[str]:
         f"{result.sd_pct:.1f}",
         f"{result.spread:.1f}",
         f"{result.unmet:.1f}",
+        f"{result.worst:.0f}",
         converge,
         f"{result.moves_to}{minimum}",
         after,
@@ -713,12 +731,16 @@ same noise.
   do worse, so the `no-pin` rows are a best case for "no pinning at all".
 - Noise is relative: ±5% draws each interval's demand uniformly within 5% of its nominal value,
   independently for every vCPU and interval.
+- A bursty guest follows a repeating pattern (for example 100% for one interval, 0% the next);
+  its steps are not load changes of the scenario, which has a single epoch.
 - Guests start and stop, and demands change phase, on interval boundaries; a stopped guest
   vanishes from the samples and pinning it raises `DomainGone`, as with libvirt.
 
 ## Policies
 
 - `vcpusched`: the agent, unchanged.
+- `previous`: the agent's policy before it had one objective (noise margin, cooldown, settling
+  gate, "nothing onto a full pCPU"), kept in `vcpusched_sim.previous` for this comparison.
 - `static`: round-robin pinning over the managed pCPUs, set once when a vCPU first appears.
 - `no-pin`: every managed vCPU allowed on every managed pCPU, the kernel balancer doing the rest.
 - `greedy`: whenever the SD of pCPU utilization exceeds 5, re-pin every vCPU by the greedy
@@ -740,6 +762,8 @@ are managed and measured.
 - **unmet %**: CPU time demanded but not received, over the whole run. On an overloaded host
   (`unpinned-heavy-light`) it is the overload itself: with max-min sharing, any placement that
   keeps every pCPU saturated gives every vCPU the same share.
+- **worst %**: the share of its demand the worst-off vCPU received, averaged over the same
+  intervals as SD: what max-min fairness is about where demand exceeds the host.
 - **cycles**: cycles from a load change until the policy converged (worst epoch): the managed
   pCPUs stay balanced to the end of the epoch (SD ≤ 1% of the mean, or within 1 point of the
   optimum's SD at the same moment, judged on the noise-free loads) and a cycle passes without
@@ -750,7 +774,8 @@ are managed and measured.
   as one). For `vcpusched`, in brackets: the fewest pin changes that reach the optimum's balance
   from the placement the agent had at each epoch's start (searched exactly; blank when too big).
 - **pins after**: pin changes after convergence, to the end of each epoch.
-- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in `Balancer.plan`, and in
+- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in the policy's `plan`
+  (handed to the agent with a clock, as `Agent(host, config, planner)`), and in
   the whole cycle (`Agent.step` for the agent: sampling the simulated host, load arithmetic,
   plan, pins, log lines). Process CPU time, so other work on the machine inflates it little.
 

@@ -64,7 +64,7 @@ def test_a_domain_gone_between_sample_and_pin_is_one_line(
 def test_restore_puts_back_first_seen_pins() -> None:
     host = _host(40, 40, 40, 40, pin=frozenset({0}))
     agent = Agent(host, Config())
-    _run(agent, host, 3)
+    _run(agent, host, 6)
     pins = {ref: c.affinity for ref, c in host.sample().vcpus.items()}
     assert sorted(len([p for p in pins.values() if p == {n}]) for n in (0, 1)) == [2, 2]
     agent.restore()
@@ -77,7 +77,9 @@ def test_dry_run_logs_a_plan_once_and_pins_nothing(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="vcpusched"):
         _run(agent, host, 8)
     moves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("move ")]
-    assert len(moves) == 2
+    # The host does not change, so the same plan comes every cycle and is logged once: one
+    # move, since a pCPU that takes a vCPU whose demand is a guess takes no more in a plan.
+    assert len(moves) == 1
     assert all(m.endswith(" dry_run=1") for m in moves)
     assert host.pin_changes == 0
 
@@ -113,11 +115,11 @@ def test_a_reload_reaches_the_balancer() -> None:
     agent = Agent(host, Config(dry_run=True))
     _run(agent, host, 3)
     assert agent.plan is not None
-    assert agent.plan.moves  # two pCPUs would even out
-    agent.reconfigure(Config(dry_run=True, min_gain=200.0))
+    assert agent.plan.moves
+    agent.reconfigure(Config(dry_run=True, cpus=frozenset({0})))
     _run(agent, host, 2)
-    assert agent.balancer.config.min_gain == 200.0
-    assert agent.plan.moves == ()  # no step gains that much
+    assert agent.balancer.config is agent.config
+    assert agent.plan.moves == ()  # pCPU1 is no longer the agent's to use
 
 
 def test_audit_lines_name_demands_and_the_reason(caplog: pytest.LogCaptureFixture) -> None:
