@@ -293,6 +293,47 @@ def test_more_guests_mixed_loads(vmlab: Lab, tmp_path: Path, scenario: str) -> N
     assert_settled(run)
 
 
+def test_a_bursty_guest_beside_steady_ones(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
+    """A guest that alternates 100% and 0% every second beside steady ones: the agent judges
+    it by its spread over the window, evens the steady ones around it, and then holds."""
+    if N < 2:
+        pytest.skip("needs two pCPUs")
+    a, b = PCPUS[0], PCPUS[1]
+    specs = [("100:1,0:1", a), (30, a), (30, b), (20, b)]
+    run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "bursty", specs)
+    assert run.changes_total <= 2, f"pins changed {run.changes_total} times"
+    assert_settled(run)
+
+
+def test_oversubscribed_four_to_one(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
+    """Five guests each wanting a whole pCPU, pinned four to one: the fair end is three and
+    two, where the worst-off guests get a third of a pCPU each (they got a quarter)."""
+    if N != 2:
+        pytest.skip("the case is two pCPUs")
+    specs = [(100, PCPUS[0])] * 4 + [(100, PCPUS[1])]
+    run = Run("oversubscribed", [load for load, _ in specs])
+    start_guests(vmlab, scenario, specs)
+    config = write_config(tmp_path / "vcpusched.yaml", **config_settings(tmp_path))
+    with Judge() as judge:
+        measure_before(judge, run)
+        before = judge.received(time.monotonic() - BEFORE, time.monotonic(), scenario)
+        agent = Agent(config)
+        try:
+            budget_end = settle(judge, agent, run, agent.started, scenario)
+            after = judge.received(budget_end, budget_end + HOLD * INTERVAL, scenario)
+            counts = count_per_pcpu(judge.current_pins(scenario))
+        finally:
+            finish(vmlab, judge, agent, run)
+    run.extra["received_before"] = {k: round(v, 1) for k, v in sorted(before.items())}
+    run.extra["received_after"] = {k: round(v, 1) for k, v in sorted(after.items())}
+    record_result(vmlab, f"e2e-{run.name}", run.result())
+    assert sorted(counts.values()) == [2, 3], counts
+    # Max-min fair: a third of a pCPU for the worst-off, less QEMU's own share of the time.
+    assert min(after.values()) >= 30.0, run.extra["received_after"]
+    assert min(after.values()) > min(before.values()) + 4.0, (before, after)
+    assert run.changes_after == 0, f"pin changes after convergence: {run.extra['after']}"
+
+
 def test_loads_change_mid_run(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
     """Balanced at first (no move), then the loads change: the agent rebalances and settles.
 
