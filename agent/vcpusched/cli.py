@@ -6,7 +6,6 @@ Errors a user can fix are one line on stderr, `vcpusched: ...`, and exit 1; neve
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import importlib
 import os
 import signal
@@ -21,7 +20,7 @@ import yaml
 from vcpusched import __version__, policy, stats
 from vcpusched.config import DEFAULT_PATH, Config, ConfigError, load_config, override
 from vcpusched.host import Host, HostError
-from vcpusched.model import Snapshot, Vcpu, format_cpus
+from vcpusched.model import Snapshot, Vcpu, excluded, format_cpus
 
 PROG = "vcpusched"
 
@@ -220,9 +219,7 @@ def status(path: Path | None, interval: float | None) -> int:
         return _fail(str(exc))
     finally:
         host.close()
-    snapshot = stats.snapshot(
-        first, second, lambda d: any(fnmatch.fnmatchcase(d, p) for p in config.exclude)
-    )
+    snapshot = stats.snapshot(first, second, lambda d: excluded(config.exclude, d))
     if snapshot is None:
         return _fail("clock did not advance between samples")
     allowed = policy.allowed_pcpus(config, snapshot.util)

@@ -7,7 +7,8 @@ name per idea: a pCPU's measured `util`, the CPU time a vCPU `received`, and the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -96,6 +97,12 @@ class Plan:
     held: Mapping[str, int] = field(default_factory=dict)
     # The policy's estimate of each pCPU's demand, before the moves.
     pcpu_demand: Mapping[int, float] = field(default_factory=dict)
+
+
+def excluded(patterns: Sequence[str], domain: str) -> bool:
+    """Whether `domain` matches one of the `exclude` glob patterns: never re-pinned. The one
+    definition, for the agent, `status` and the benchmark's baselines."""
+    return any(fnmatch.fnmatchcase(domain, p) for p in patterns)
 
 
 def format_cpus(cpus: frozenset[int] | set[int]) -> str:

@@ -6,7 +6,6 @@ very same code. `Runner` adds the wall clock, reconnection, SIGHUP reloads and s
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import statistics
 import threading
@@ -18,7 +17,7 @@ from vcpusched import __version__, notify, policy, stats
 from vcpusched.config import LOG_LEVELS, Config, ConfigError, load_config, override
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
-from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, format_cpus
+from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, excluded, format_cpus
 
 log = logging.getLogger("vcpusched")
 
@@ -44,7 +43,7 @@ class Agent:
         self.moves_total = 0
 
     def excluded(self, domain: str) -> bool:
-        return any(fnmatch.fnmatchcase(domain, p) for p in self.config.exclude)
+        return excluded(self.config.exclude, domain)
 
     def reconfigure(self, config: Config) -> None:
         self.config = config

@@ -16,11 +16,10 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Protocol
 
 from vcpusched.host import DomainGone, Host
-from vcpusched.model import HostSample, VcpuRef
+from vcpusched.model import HostSample, VcpuRef, excluded
 from vcpusched_sim.host import SimHost
 
 # Demand totals are sums of floats; two placements this close are equally good.
@@ -46,7 +45,7 @@ class Scope:
     exclude: tuple[str, ...] = ()
 
     def managed(self, domain: str) -> bool:
-        return not any(fnmatchcase(domain, pattern) for pattern in self.exclude)
+        return not excluded(self.exclude, domain)
 
 
 # -- partitions ------------------------------------------------------------------------------
