@@ -32,6 +32,10 @@ SHORT = 1.0
 # shows its spread in its window, and its bursts stay within it.
 JUMP_SIGMAS = 4.0
 JUMP_POINTS = 2.0
+# Readings a level needs before a jump from it counts: until then its spread is unknown. (On
+# the lab, bound readings of guests sharing a full pCPU wander between 85 and 100, and with
+# one reading to go by each step looked like a new level, which put off the first move.)
+LEVEL_READINGS = 3
 # Readings a floating vCPU that reads short is measured over before it is placed. On the lab a
 # 50% guest sharing full pCPUs with 100% ones idles in bursts, and only the mean of several
 # intervals ranks the two kinds apart (see docs/policy-history.md).
@@ -144,8 +148,9 @@ def _level_start(values: list[float], start: int) -> int:
     window has seen starts a new one; a jump that the readings since no longer bear out is
     forgotten."""
     n = len(values)
+    known = n - 1 - start  # readings of the current level before the latest
     if (
-        n - start >= 2
+        known >= LEVEL_READINGS
         and _jumps(values[start:-1], values[-1:])
         and _outside(values[:-1], values[-1])
     ):

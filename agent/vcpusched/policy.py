@@ -336,13 +336,15 @@ class _Verdict:
     pins: int
 
     def net(self, min_gain: float) -> float:
-        """What it gains beyond its uncertainty and the least gain worth a step."""
-        return self.gain - self.uncertainty - min_gain
+        """What it gains beyond its uncertainty and the least gain worth it: min_gain for a
+        move or a swap (a swap's second pin is charged in `score`), and min_gain more for
+        every pin an exchange adds beyond a swap's two."""
+        return self.gain - self.uncertainty - min_gain * max(1, self.pins - 1)
 
     def score(self, min_gain: float) -> float:
         """Its net gain, less min_gain for every pin beyond the first: a swap is worth its
         second pin only where it gains min_gain more than a move would."""
-        return self.net(min_gain) - min_gain * (self.pins - 1)
+        return self.gain - self.uncertainty - min_gain * self.pins
 
     def taken(self, min_gain: float) -> bool:
         return self.net(min_gain) >= -1e-9
