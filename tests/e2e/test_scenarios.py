@@ -308,16 +308,26 @@ def test_a_bursty_guest_beside_steady_ones(vmlab: Lab, tmp_path: Path, scenario:
 
 def test_oversubscribed_four_to_one(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
     """Five guests each wanting a whole pCPU, pinned four to one: the fair end is three and
-    two, where the worst-off guests get a third of a pCPU each (they got a quarter)."""
+    two, where the worst-off guests get a third of what the pCPUs give guests (they got a
+    quarter) and the best-off a half.
+
+    With the host saturated, QEMU's own threads float over both pCPUs and take a share the
+    guests' counters do not show, so the judge compares the guests' received time with each
+    other and with the start, not with a whole pCPU; and the host is checked quiet before the
+    guests boot, since once they run it is full by design.
+    """
     if N != 2:
         pytest.skip("the case is two pCPUs")
     specs = [(100, PCPUS[0])] * 4 + [(100, PCPUS[1])]
     run = Run("oversubscribed", [load for load, _ in specs])
+    wait_quiet_host()
     start_guests(vmlab, scenario, specs)
     config = write_config(tmp_path / "vcpusched.yaml", **config_settings(tmp_path))
     with Judge() as judge:
-        measure_before(judge, run)
-        before = judge.received(time.monotonic() - BEFORE, time.monotonic(), scenario)
+        time.sleep(1.0 + BEFORE)
+        now = time.monotonic()
+        before = judge.received(now - BEFORE, now, scenario)
+        run.extra["foreign_before"] = round(judge.foreign(now - BEFORE, now), 1)
         agent = Agent(config)
         try:
             budget_end = settle(judge, agent, run, agent.started, scenario)
@@ -329,9 +339,10 @@ def test_oversubscribed_four_to_one(vmlab: Lab, tmp_path: Path, scenario: str) -
     run.extra["received_after"] = {k: round(v, 1) for k, v in sorted(after.items())}
     record_result(vmlab, f"e2e-{run.name}", run.result())
     assert sorted(counts.values()) == [2, 3], counts
-    # Max-min fair: a third of a pCPU for the worst-off, less QEMU's own share of the time.
-    assert min(after.values()) >= 30.0, run.extra["received_after"]
-    assert min(after.values()) > min(before.values()) + 4.0, (before, after)
+    # Max-min fair: the worst-off gain a third over four-to-one (1/3 against 1/4), and the
+    # best-off about 1.5 times what they get (1/2 against 1/3); four to one, it was 4 times.
+    assert min(after.values()) >= 1.2 * min(before.values()), (before, after)
+    assert max(after.values()) <= 1.8 * min(after.values()), after
     assert run.changes_after == 0, f"pin changes after convergence: {run.extra['after']}"
 
 
