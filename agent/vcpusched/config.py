@@ -6,8 +6,11 @@ command accepts is exactly a file the agent runs with.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -15,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import voluptuous as vol
-import yaml
 
-from vcpusched.model import format_cpus, parse_cpus
+from vcpusched import yamlread
+from vcpusched.model import format_cpus
 
 DEFAULT_PATH = Path("/etc/vcpusched.yaml")
 
@@ -70,6 +73,9 @@ class Config:
     restore_on_exit: bool = False
     log_level: str = "info"
     syslog_facility: str = "daemon"
+    # Prometheus metrics: a node_exporter textfile directory and/or a local listener.
+    metrics_textfile_dir: Path | None = None
+    metrics_listen: str | None = None
 
     def as_document(self) -> dict[str, Any]:
         """The config in the file's own shape, for `check-config` and the sample file."""
@@ -85,6 +91,12 @@ class Config:
             "restore_on_exit": self.restore_on_exit,
             "log_level": self.log_level,
             "syslog_facility": self.syslog_facility,
+            "metrics": {
+                "textfile_dir": None
+                if self.metrics_textfile_dir is None
+                else str(self.metrics_textfile_dir),
+                "listen": self.metrics_listen,
+            },
         }
 
     def changes(self, new: Config) -> list[str]:
@@ -113,15 +125,29 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _show(value: Any) -> str:
+    """A value as the YAML file spells it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
+
+
 def _number(lo: float, hi: float, *, lo_open: bool = False) -> vol.All:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise vol.Invalid(f"expected a number, got {value!r}")
-        number = float(value)
-        if number < lo or (lo_open and number == lo) or number > hi:
-            lo_text = f"above {lo:g}" if lo_open else f"at least {lo:g}"
-            raise vol.Invalid(f"must be {lo_text} and at most {hi:g}, got {value!r}")
-        return number
+            raise vol.Invalid(f"expected a number, got {_show(value)}")
+        lo_text = f"above {lo:g}" if lo_open else f"at least {lo:g}"
+        # Compared before any float(): an int too large for a float is simply out of range.
+        if (isinstance(value, float) and not math.isfinite(value)) or not (
+            lo <= value <= hi and not (lo_open and value == lo)
+        ):
+            raise vol.Invalid(f"must be {lo_text} and at most {hi:g}, got {_show(value)}")
+        return float(value)
 
     return vol.All(check)
 
@@ -130,32 +156,109 @@ def _boolean(value: Any) -> bool:
     # YAML already turns yes/no/true/false into bools; anything else is a typo worth naming.
     if isinstance(value, bool):
         return value
-    raise vol.Invalid(f"expected true or false, got {value!r}")
+    raise vol.Invalid(f"expected true or false, got {_show(value)}")
+
+
+# PATH_MAX: no URI, path or domain name the agent deals with is longer.
+MAX_TEXT = 4096
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise vol.Invalid(f"longer than {MAX_TEXT} characters ({len(value)})")
     if isinstance(value, str) and value.strip():
         return value
-    raise vol.Invalid(f"expected a non-empty string, got {value!r}")
+    raise vol.Invalid(f"expected a non-empty string, got {_show(value)}")
+
+
+KERNEL_MAX = Path("/sys/devices/system/cpu/kernel_max")
+# Linux's own upper bound on NR_CPUS, for when sysfs cannot say.
+FALLBACK_CPU_CEILING = 8192
+
+
+def cpu_ceiling() -> int:
+    """How many CPUs this kernel can ever have: no pCPU list may name one beyond it."""
+    try:
+        return int(KERNEL_MAX.read_text().strip()) + 1
+    except (OSError, ValueError):
+        return FALLBACK_CPU_CEILING
+
+
+_CPU_PART = re.compile(r"\s*(\^?)\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 
 
 def _cpus(value: Any) -> frozenset[int] | None:
     if value is None:
         return None
+    expected = f'expected a pCPU list such as "0-3,8", got {_show(value)}'
     if isinstance(value, bool):
-        raise vol.Invalid(f'expected a pCPU list such as "0-3,8", got {value!r}')
+        raise vol.Invalid(expected)
     if isinstance(value, int):
         value = str(value)
     if isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
+        if any(v < 0 for v in value):
+            raise vol.Invalid(expected)
         value = ",".join(str(v) for v in value)
     if not isinstance(value, str):
-        raise vol.Invalid(f'expected a pCPU list such as "0-3,8", got {value!r}')
-    try:
-        return parse_cpus(value)
-    except ValueError as exc:
-        raise vol.Invalid(str(exc)) from None
+        raise vol.Invalid(expected)
+    return _parse_cpus(value, cpu_ceiling())
+
+
+def _parse_cpus(spec: str, ceiling: int) -> frozenset[int]:
+    """parse_cpus with every number bounded by the kernel's CPU count before anything is
+    expanded ("0-1000000000" would be a billion ints), in time linear in the text."""
+    include = bytearray(ceiling)
+    exclude = bytearray(ceiling)
+    # Each distinct part once: a list that repeats itself costs no more than saying it once.
+    for raw in dict.fromkeys(spec.split(",")):
+        if not raw.strip():
+            continue
+        match = _CPU_PART.fullmatch(raw)
+        if match is None:
+            raise vol.Invalid(f"invalid cpu range {_show(raw.strip())}")
+        numbers = [n for n in match.group(2, 3) if n is not None]
+        for number in numbers:
+            if len(number) > 6 or int(number) >= ceiling:
+                raise vol.Invalid(
+                    f"pCPU {number[:12]} in {_show(raw.strip())} is beyond what this kernel "
+                    f"supports (0-{ceiling - 1})"
+                )
+        first, last = int(numbers[0]), int(numbers[-1])
+        if last < first:
+            raise vol.Invalid(f"invalid cpu range {_show(raw.strip())}")
+        target = exclude if match.group(1) else include
+        target[first : last + 1] = b"\x01" * (last + 1 - first)
+    result = frozenset(i for i in range(ceiling) if include[i] and not exclude[i])
+    if not result:
+        raise vol.Invalid(f"cpu list {_show(spec)} selects no pCPU")
+    return result
+
+
+def _glob_problem(pattern: str) -> str | None:
+    """Why fnmatch would not read `pattern` as meant: it takes a broken `[` literally."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        if j < n and pattern[j] == "!":
+            j += 1
+        first = j
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            j += 1
+        if j >= n:
+            return f"unclosed '[' at position {i + 1}"
+        body = pattern[first:j]
+        for k in range(1, len(body) - 1):
+            if body[k] == "-" and body[k - 1] > body[k + 1]:
+                return f"empty range '{body[k - 1]}-{body[k + 1]}' in '[...]'"
+        i = j + 1
+    return None
 
 
 def _patterns(value: Any) -> tuple[str, ...]:
@@ -164,24 +267,64 @@ def _patterns(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise vol.Invalid(f"expected a list of domain names or glob patterns, got {value!r}")
+        raise vol.Invalid(f"expected a list of domain names or glob patterns, got {_show(value)}")
     for item in value:
         if not isinstance(item, str) or not item:
-            raise vol.Invalid(f"expected domain names or glob patterns, got {item!r}")
+            raise vol.Invalid(f"expected domain names or glob patterns, got {_show(item)}")
+        if len(item) > MAX_TEXT:
+            raise vol.Invalid(f"pattern longer than {MAX_TEXT} characters ({len(item)})")
+        problem = _glob_problem(item)
+        if problem is not None:
+            raise vol.Invalid(f"invalid glob pattern {_show(item)}: {problem}")
     return tuple(value)
 
 
 def _path(value: Any) -> Path:
-    if isinstance(value, str) and value.startswith("/"):
+    if isinstance(value, str) and value.startswith("/") and len(value) <= MAX_TEXT:
         return Path(value)
-    raise vol.Invalid(f"expected an absolute path, got {value!r}")
+    raise vol.Invalid(f"expected an absolute path, got {_show(value)}")
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value is None else _path(value)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """Split "127.0.0.1:9101" or "[::1]:9101" into (address, port). Raises ValueError.
+
+    Only IP literals: a name would need a resolver, and the listener is meant to be local.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'expected an address such as "127.0.0.1:9101", got {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address before the port, got {text!r}") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535 after the address, got {text!r}")
+    return str(address), int(port_text)
+
+
+def _listen(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise vol.Invalid(f'expected an address such as "127.0.0.1:9101", got {value!r}')
+    try:
+        listen_address(value)
+    except ValueError as exc:
+        raise vol.Invalid(str(exc)) from None
+    return value
 
 
 def _choice(options: tuple[str, ...] | dict[str, int]) -> Any:
     def check(value: Any) -> str:
         if isinstance(value, str) and value.lower() in options:
             return value.lower()
-        raise vol.Invalid(f"expected one of {', '.join(options)}, got {value!r}")
+        raise vol.Invalid(f"expected one of {', '.join(options)}, got {_show(value)}")
 
     return check
 
@@ -195,6 +338,23 @@ THRESHOLDS_SCHEMA = vol.Schema(
         vol.Optional("low", default=_DEFAULT.low): _number(0, 100, lo_open=True),
     }
 )
+
+
+METRICS_SCHEMA = vol.Schema(
+    {
+        vol.Optional("textfile_dir", default=None): _optional_path,
+        vol.Optional("listen", default=None): _listen,
+    }
+)
+
+
+def _metrics(value: Any) -> dict[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected a mapping of textfile_dir and listen")
+    result: dict[str, Any] = METRICS_SCHEMA(value)
+    return result
 
 
 def _thresholds(value: Any) -> dict[str, float]:
@@ -221,6 +381,7 @@ CONFIG_SCHEMA = vol.Schema(
         vol.Optional("syslog_facility", default=_DEFAULT.syslog_facility): _choice(
             SYSLOG_FACILITIES
         ),
+        vol.Optional("metrics", default={}): _metrics,
     }
 )
 
@@ -236,6 +397,16 @@ def _describe(error: vol.Invalid) -> str:
     return f"{path}: {message}" if path else message
 
 
+MAX_ERRORS = 20
+
+
+def _capped(errors: list[str]) -> list[str]:
+    # One line per problem, but a file of 20,000 unknown keys needs no 20,000-line answer.
+    if len(errors) <= MAX_ERRORS:
+        return errors
+    return [*errors[:MAX_ERRORS], f"... and {len(errors) - MAX_ERRORS} more problems"]
+
+
 def validate(document: Any, source: str = "<config>") -> Config:
     """Turn a parsed YAML document into a Config, or raise ConfigError with every problem."""
     if document is None:
@@ -247,7 +418,7 @@ def validate(document: Any, source: str = "<config>") -> Config:
     try:
         data = CONFIG_SCHEMA(document)
     except vol.MultipleInvalid as exc:
-        raise ConfigError(source, sorted({_describe(e) for e in exc.errors})) from None
+        raise ConfigError(source, _capped(sorted({_describe(e) for e in exc.errors}))) from None
     thresholds = data["thresholds"]
     high, target, low = thresholds["high"], thresholds["target"], thresholds["low"]
     errors = []
@@ -273,6 +444,18 @@ def validate(document: Any, source: str = "<config>") -> Config:
         restore_on_exit=data["restore_on_exit"],
         log_level=data["log_level"],
         syslog_facility=data["syslog_facility"],
+        metrics_textfile_dir=data["metrics"]["textfile_dir"],
+        metrics_listen=data["metrics"]["listen"],
+    )
+
+
+def online_problem(config: Config, online: frozenset[int]) -> str | None:
+    """Why `config` cannot run on a host with these online pCPUs, or None."""
+    if config.cpus is None or config.cpus & online:
+        return None
+    return (
+        f"cpus: {format_cpus(config.cpus)} selects no online pCPU of this host "
+        f"(online: {format_cpus(online) if online else 'none'})"
     )
 
 
@@ -284,11 +467,25 @@ def load_config(path: Path, *, strict_owner: bool | None = None) -> Config:
     """
     source = str(path)
     try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            raw = handle.read()
+        # Non-blocking, so that a FIFO at the path cannot hang the open; a config is a file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(source, ["not a regular file"])
+        if info.st_size > yamlread.MAX_BYTES:
+            raise ConfigError(
+                source,
+                [f"file is larger than {yamlread.MAX_BYTES // 1024} KiB ({info.st_size} bytes)"],
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            raw = handle.read(yamlread.MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
     if strict_owner is None:
         strict_owner = os.geteuid() == 0
     if strict_owner:
@@ -303,14 +500,9 @@ def load_config(path: Path, *, strict_owner: bool | None = None) -> Config:
                 ],
             )
     try:
-        document = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(source, [f"invalid YAML: {where}{problem}"]) from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(source, [f"invalid YAML: {exc}"]) from None
+        document = yamlread.load(raw)
+    except yamlread.YamlError as exc:
+        raise ConfigError(source, [str(exc)]) from None
     return validate(document, source)
 
 

@@ -28,7 +28,8 @@ class PinError(Exception):
 
 class Host(Protocol):
     def sample(self) -> HostSample:
-        """Read the cumulative counters of every online pCPU and every running vCPU."""
+        """Read the cumulative counters of every online pCPU and every running vCPU, with
+        what the host says of its topology, isolated CPUs and domains' memory placement."""
         ...
 
     def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:

@@ -5,6 +5,11 @@ and at most PINS_PER_SAMPLE pin reads, whatever the number of domains. libvirt h
 call for pins: they are read when a domain starts, tracked from our own pinVcpu calls, and
 re-read a few domains per sample, stalest first, so that a pin someone else changes is seen
 within one sample on a small host and within domains / PINS_PER_SAMPLE samples on any host.
+A domain's memory placement is read from its XML along with its pins.
+
+The online pCPUs are read every sample (`getCPUMap`, about 0.07 ms), and the topology
+(`getCapabilities`) at connect and whenever they change: a pCPU going offline or coming
+online is seen within one sample, and only online pCPUs are sampled.
 """
 
 from __future__ import annotations
@@ -12,13 +17,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
 from vcpusched.host import DomainGone, HostError, PinError
+from vcpusched.logs import event
 from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+from vcpusched.topology import (
+    MemoryPlacement,
+    Topology,
+    TopologyError,
+    parse_capabilities,
+    parse_cpulist,
+    parse_isolated,
+    parse_memory_placement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +58,28 @@ class _Domain:
     handle: Any
     run_id: int
     pins: list[frozenset[int]]
+    memory: MemoryPlacement
     age: int = 0
+
+
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def read_isolated(root: Path = SYSFS_CPU) -> frozenset[int]:
+    """This machine's isolated CPUs (see `topology.parse_isolated`); none where unreadable."""
+    try:
+        isolated = (root / "isolated").read_text()
+    except OSError:
+        return frozenset()
+    try:
+        nohz_full: str | None = (root / "nohz_full").read_text()
+    except OSError:
+        nohz_full = None
+    try:
+        return parse_isolated(isolated, nohz_full)
+    except TopologyError as exc:
+        log.warning(event("isolated-unreadable", error=str(exc)))
+        return frozenset()
 
 
 def _cpuset(flags: tuple[bool, ...] | list[bool]) -> frozenset[int]:
@@ -53,7 +91,13 @@ class LibvirtHost:
         self.uri = uri
         self._conn: Any = None
         self._host_cpus = 0
-        self._online: list[int] = []
+        self._online: frozenset[int] = frozenset()
+        self._topology = Topology()
+        self._topology_read = False
+        self._topology_error: str | None = None
+        # sysfs tells about this machine only: a remote libvirtd's isolated CPUs are unknown.
+        self._local = not urlsplit(uri).netloc
+        self._isolated: frozenset[int] = frozenset()
         self._domains: dict[str, _Domain] = {}
 
     def _connect(self) -> Any:
@@ -61,14 +105,39 @@ class LibvirtHost:
             return self._conn
         try:
             conn = libvirt.open(self.uri)
-            host_cpus, online, _ = conn.getCPUMap()
+            # A restarted libvirtd may run on a changed host: read its topology afresh.
+            self._topology_read = False
+            self._read_cpus(conn)
         except libvirt.libvirtError as exc:
             raise HostError(f"cannot connect to {self.uri}: {exc.get_error_message()}") from None
         self._conn = conn
-        self._host_cpus = host_cpus
-        self._online = [i for i, on in enumerate(online) if on]
         self._domains.clear()
         return conn
+
+    def _read_cpus(self, conn: Any) -> None:
+        """The online pCPUs, and the topology when they changed since it was last read."""
+        host_cpus, online, _ = conn.getCPUMap()
+        now = _cpuset(online)
+        if now != self._online or not self._topology_read:
+            try:
+                self._topology = parse_capabilities(conn.getCapabilities()).restricted(now)
+                self._topology_error = None
+            except TopologyError as exc:
+                # Balancing does not need the topology: carry on without, and say so once.
+                if str(exc) != self._topology_error:
+                    log.warning(event("topology-unreadable", uri=self.uri, error=str(exc)))
+                self._topology_error = str(exc)
+                self._topology = Topology()
+            self._topology_read = True
+            if self._local:
+                self._isolated = read_isolated()
+        self._host_cpus = host_cpus
+        self._online = now
+
+    @property
+    def topology(self) -> Topology:
+        """The topology as of the last sample (or connect)."""
+        return self._topology
 
     @property
     def connected(self) -> bool:
@@ -89,9 +158,17 @@ class LibvirtHost:
     def sample(self) -> HostSample:
         conn = self._connect()
         try:
+            self._read_cpus(conn)
             busy = {}
-            for pcpu in self._online:
-                stats = conn.getCPUStats(pcpu, 0)
+            for pcpu in sorted(self._online):
+                try:
+                    stats = conn.getCPUStats(pcpu, 0)
+                except libvirt.libvirtError:
+                    # Gone offline since the map was read: sample the others.
+                    self._read_cpus(conn)
+                    if pcpu in self._online:
+                        raise
+                    continue
                 busy[pcpu] = int(stats.get("kernel", 0)) + int(stats.get("user", 0))
             clock = time.monotonic()
             records = self._domain_stats(conn)
@@ -117,7 +194,14 @@ class LibvirtHost:
                 vcpus[VcpuRef(name, vcpu)] = value
         for name in set(self._domains) - seen:
             del self._domains[name]
-        return HostSample(clock=clock, pcpu_busy_ns=busy, vcpus=vcpus)
+        return HostSample(
+            clock=clock,
+            pcpu_busy_ns=busy,
+            vcpus=vcpus,
+            topology=self._topology,
+            memory={name: self._domains[name].memory for name in seen},
+            isolated=self._isolated,
+        )
 
     @staticmethod
     def _domain_stats(conn: Any) -> list[tuple[Any, dict[str, Any]]]:
@@ -141,11 +225,33 @@ class LibvirtHost:
         domain = self._domains.get(name)
         if domain is None or domain.run_id != run_id or refresh:
             pins = [_cpuset(p) for p in handle.vcpuPinInfo(0)]
-            domain = _Domain(handle=handle, run_id=run_id, pins=pins)
+            fresh = domain is None or domain.run_id != run_id
+            memory = self._memory(name, handle, warn=fresh)
+            domain = _Domain(handle=handle, run_id=run_id, pins=pins, memory=memory)
             self._domains[name] = domain
         domain.handle = handle
         domain.age += 1
         return domain
+
+    @staticmethod
+    def _memory(name: str, handle: Any, warn: bool) -> MemoryPlacement:
+        """The domain's memory placement from its live XML (and, where libvirt chose the
+        nodes at start, from its NUMA parameters)."""
+        try:
+            placement = parse_memory_placement(handle.XMLDesc(0))
+        except TopologyError as exc:
+            if warn:
+                log.warning(event("memory-unreadable", domain=name, error=str(exc)))
+            return MemoryPlacement()
+        if placement.auto and placement.nodeset is None:
+            try:
+                chosen = str(handle.numaParameters(0).get("numa_nodeset", ""))
+                nodeset = parse_cpulist(chosen, "numa_nodeset")
+            except (libvirt.libvirtError, TopologyError):
+                return placement  # not known yet: it binds nothing we can tell
+            if nodeset:
+                placement = replace(placement, nodeset=nodeset)
+        return placement
 
     def _counters(self, handle: Any, stats: dict[str, Any], domain: _Domain) -> list[VcpuCounters]:
         count = stats.get("vcpu.current")

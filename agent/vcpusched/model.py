@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from vcpusched.topology import MemoryPlacement, Topology
+
 
 class VcpuRef(NamedTuple):
     domain: str
@@ -36,8 +38,15 @@ class HostSample:
     """One reading of the host: cumulative counters at a monotonic instant."""
 
     clock: float
+    # Online pCPUs only: one that goes offline drops out, one that comes online appears.
     pcpu_busy_ns: Mapping[int, int]
     vcpus: Mapping[VcpuRef, VcpuCounters]
+    # The host's CPUs as it reports them, and each running domain's memory placement (by
+    # name); `Topology()` and no entry where the host does not say.
+    topology: Topology = field(default_factory=Topology)
+    memory: Mapping[str, MemoryPlacement] = field(default_factory=dict)
+    # CPUs kept from the kernel's balancer (isolcpus, nohz_full), where the host can tell.
+    isolated: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ def notify(*states: str) -> bool:
 
 
 def ready() -> bool:
-    return notify("READY=1", "STATUS=balancing")
+    return notify("READY=1")
 
 
 def reloading() -> bool:
@@ -35,3 +35,25 @@ def reloading() -> bool:
 
 def stopping() -> bool:
     return notify("STOPPING=1")
+
+
+def watchdog_period() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when not watched."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        period = int(usec) / 2e6
+    except ValueError:
+        return None
+    return period if period > 0 else None
+
+
+def watchdog() -> bool:
+    return notify("WATCHDOG=1")
+
+
+def status(text: str) -> bool:
+    """STATUS=: one line that `systemctl status` shows (see `state.summary`)."""
+    return notify(f"STATUS={' '.join(text.split())}")

@@ -47,8 +47,6 @@ PRIOR_READINGS = 3
 # Nothing is judged on one reading of a vCPU's level: it says nothing of how the vCPU varies
 # (a guest that bursts one interval in four reads like a heavy one in that interval).
 MIN_READINGS = 2
-# A step may lower the worst-off vCPU's predicted share by this much at most (points, noise).
-WORST_TOLERANCE = 0.5
 # Candidates per pair of pCPUs, the nearest fits by mean demand, and how many of the best of
 # them are judged over the window.
 CANDIDATES = 4
@@ -156,17 +154,19 @@ def water_level(demands: Iterable[float], capacity: float) -> float:
     return math.inf  # unreachable: the sum exceeded the capacity
 
 
-def _fill(values: Sequence[float], capacity: float) -> tuple[float, float]:
-    """(shortfall, worst share) of vCPUs with these demands sharing `capacity`.
+def _fill(values: Sequence[float], other: float) -> tuple[float, float]:
+    """(shortfall, worst share) of vCPUs with these demands on a pCPU that also runs `other`
+    (host work, QEMU's own threads), which shares the pCPU with them fairly.
 
     The shortfall of a vCPU is what it misses, d - r, plus (d - r)^2 / d: the first is the
     time the placement leaves unserved, the second weighs most the worst-off, so that among
     placements that serve the same time the fairer one wins (5/4/2/1 vCPUs wanting a whole
-    pCPU each leave the same time unserved as 3/3/3/3).
+    pCPU each leave the same time unserved as 3/3/3/3). Host work is not the agent's to serve,
+    but it is no wall either: a vCPU moved beside it gets its fair share of the pCPU.
     """
-    if sum(values) <= capacity:
+    if sum(values) + other <= CAPACITY:
         return 0.0, 1.0
-    level = water_level(values, capacity)
+    level = water_level([*values, other], CAPACITY)
     cost = 0.0
     worst = 1.0
     for d in values:
@@ -177,7 +177,7 @@ def _fill(values: Sequence[float], capacity: float) -> tuple[float, float]:
 
 
 def _harms(
-    members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, capacity: float
+    members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, other: float
 ) -> bool:
     """Whether guesses coming here would leave a vCPU known to be satisfied short of time.
 
@@ -186,9 +186,9 @@ def _harms(
     not there. Guesses among guesses, or on a pCPU with room for them, are fair game.
     """
     values = _after(members, leaving, coming, t)
-    if sum(values) <= capacity:
+    if sum(values) + other <= CAPACITY:
         return False
-    level = water_level(values, capacity)
+    level = water_level([*values, other], CAPACITY)
     gone = {id(v) for v in leaving}
     return any(not m.guess and m.series[t] > level + 1e-9 for m in members if id(m) not in gone)
 
@@ -299,7 +299,7 @@ class _P:
             if self.sums[t] <= self.capacity:
                 out.append((0.0, 1.0))
             else:
-                out.append(_fill([m.series[t] for m in self.members], self.capacity))
+                out.append(_fill([m.series[t] for m in self.members], self.other))
         self._costs = (self.version, out)
         return out
 
@@ -369,15 +369,15 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         sa2, sb2 = sa - moved, sb + moved
         (ca, wa), (cb, wb) = cost_a[t], cost_b[t]
         if sa2 > cap_a:
-            ca2, wa2 = _fill(_after(a.members, out, back, t), cap_a)
+            ca2, wa2 = _fill(_after(a.members, out, back, t), a.other)
         else:
             ca2, wa2 = 0.0, 1.0
         if sb2 > cap_b:
-            cb2, wb2 = _fill(_after(b.members, back, out, t), cap_b)
+            cb2, wb2 = _fill(_after(b.members, back, out, t), b.other)
         else:
             cb2, wb2 = 0.0, 1.0
-        if (guess_out and _harms(b.members, back, out, t, cap_b)) or (
-            guess_back and _harms(a.members, out, back, t, cap_a)
+        if (guess_out and _harms(b.members, back, out, t, b.other)) or (
+            guess_back and _harms(a.members, out, back, t, a.other)
         ):
             return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
         gain = ca + cb - ca2 - cb2

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from vcpusched.host import DomainGone, PinError
 from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+from vcpusched.topology import Topology
 
 NS = 1_000_000_000
 FULL = 100.0
@@ -256,6 +257,7 @@ class SimHost:
         if len(set(names)) != len(names):
             raise ValueError("domain names must be unique")
         self.pcpus = tuple(range(pcpus))
+        self.topology = Topology.flat(self.pcpus)  # one node, no SMT, no shared cache
         self.domains = {d.name: d for d in domains}
         self.now = clock
         self.origin = clock
@@ -287,6 +289,7 @@ class SimHost:
             clock=self.now,
             pcpu_busy_ns={p: int(ns) for p, ns in self._busy_ns.items()},
             vcpus=vcpus,
+            topology=self.topology,
         )
 
     def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:

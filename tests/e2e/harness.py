@@ -221,6 +221,13 @@ def _cpus(text: str) -> frozenset[int]:
 PinsAt = Callable[[str, int, float], "frozenset[int] | None"]
 
 
+def _close(change: PinChange, at: float) -> bool:
+    """A line logged at `at` can be this change's: within the slack of the span in which the
+    watcher knows the change happened (not only of when its poll ended)."""
+    since = change.at if change.since is None else change.since
+    return since - MATCH_SLACK <= at <= change.at + MATCH_SLACK
+
+
 def check_audit(
     changes: Iterable[PinChange], lines: Iterable[LogLine], pins_at: PinsAt | None = None
 ) -> AuditCheck:
@@ -243,7 +250,7 @@ def check_audit(
                 and change.vcpu == vcpu
                 and change.new == to
                 and (src is None or change.old == src)
-                and abs(change.at - line.at) <= MATCH_SLACK
+                and _close(change, line.at)
             ):
                 pending.remove(change)
                 result.matched += 1

@@ -151,10 +151,33 @@ class View:
     def show(self) -> None:
         text = self.frame()
         if self.tty:
-            sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+            say("\x1b[H\x1b[2J" + text)
         else:
-            sys.stdout.write(text + "\n" + "-" * 72 + "\n")
-        sys.stdout.flush()
+            say(text + "\n" + "-" * 72)
+
+
+_DEAD: set[int] = set()  # file descriptors found closed (a reader that went away)
+
+
+def say(text: str = "", *, err: bool = False) -> None:
+    """Print, but never fail. Under `make demo | tee log`, Ctrl-C ends tee as well, and the
+    teardown must still run: a closed stdout falls back to stderr, then to nothing."""
+    for stream in (sys.stderr,) if err else (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            continue
+        if fd in _DEAD:
+            continue
+        try:
+            stream.write(text + "\n")
+            stream.flush()
+            return
+        except (OSError, ValueError):
+            _DEAD.add(fd)
+            # Point the dead stream at /dev/null, so that the flush at exit does not raise.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def _short(domain: str) -> str:
@@ -186,13 +209,15 @@ def run(duration: float | None, interval: float) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="vcpusched-demo-")
     try:
         lab.destroy_prefix(DEMO)
-        print(f"calibrating the guest load (once per host)... {lab.work_per_ms():.0f} loops/ms")
-        print(f"booting {len(specs)} guests, all pinned to pCPU{online_pcpus()[0]}: ", end="")
-        print(", ".join(f"{_short(s.name)}={s.load}%x{s.vcpus}" for s in specs), flush=True)
+        say(f"calibrating the guest load (once per host)... {lab.work_per_ms():.0f} loops/ms")
+        say(
+            f"booting {len(specs)} guests, all pinned to pCPU{online_pcpus()[0]}: "
+            + ", ".join(f"{_short(s.name)}={s.load}%x{s.vcpus}" for s in specs)
+        )
         t0 = time.monotonic()
         lab.start(specs)
         pids = qemu_pids(names)
-        print(f"guests ready in {time.monotonic() - t0:.1f} s; starting the agent", flush=True)
+        say(f"guests ready in {time.monotonic() - t0:.1f} s; starting the agent")
         config = Path(tmp.name) / "vcpusched.yaml"
         config.write_text(
             f"interval: {interval}\nuri: {URI}\npidfile: {Path(tmp.name) / 'vcpusched.pid'}\n"
@@ -216,7 +241,7 @@ def run(duration: float | None, interval: float) -> int:
             _drain(lines, view)
             if agent.poll() is not None:
                 view.show()
-                print(f"the agent exited with code {agent.returncode}")
+                say(f"the agent exited with code {agent.returncode}")
                 return 1
             now = time.monotonic()
             if end is not None and now >= end:
@@ -226,7 +251,7 @@ def run(duration: float | None, interval: float) -> int:
                 next_frame += interval
             time.sleep(0.1)
     except (KeyboardInterrupt, Stop):
-        print("\nstopping...", flush=True)
+        say("\nstopping...")
         return 0
     finally:
         # A second Ctrl-C must not leave guests behind half torn down.
@@ -246,7 +271,7 @@ def run(duration: float | None, interval: float) -> int:
             while not lines.empty():
                 tail.append(lines.get_nowait())
             for raw in tail[-3:]:
-                print(f"  {_agent_message(raw)}")
+                say(f"  {_agent_message(raw)}")
         teardown(lab, names, pids, daemon, daemon_pid)
         tmp.cleanup()
 
@@ -278,10 +303,10 @@ def teardown(
     if daemon_pid is not None and process_alive(daemon_pid, "libvirtd"):
         left.append(f"libvirtd (pid {daemon_pid})")
     if left:
-        print(f"teardown incomplete, still running: {', '.join(left)}", file=sys.stderr)
+        say(f"teardown incomplete, still running: {', '.join(left)}", err=True)
         raise SystemExit(1)
     stopped = "; libvirtd stopped" if daemon_pid is not None else ""
-    print(f"teardown complete: {len(names)} guests destroyed{stopped}; no process left")
+    say(f"teardown complete: {len(names)} guests destroyed{stopped}; no process left")
 
 
 def main(argv: list[str] | None = None) -> int:

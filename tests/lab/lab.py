@@ -330,6 +330,8 @@ class GuestSpec:
     pin: int | Sequence[int | None] | None = None
     period_ms: int = 100
     cmdline: str = ""
+    # Raw domain XML placed after <cputune>, e.g. a <numatune> element.
+    extra_xml: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.startswith(PREFIX):
@@ -461,7 +463,7 @@ class Lab:
   <name>{escape(spec.name)}</name>
   <memory unit='MiB'>{MEMORY_MIB}</memory>
   <vcpu placement='static'>{spec.vcpus}</vcpu>
-  <cputune>{pins}</cputune>
+  <cputune>{pins}</cputune>{spec.extra_xml}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{self.guest_dir / "vmlinux"}</kernel>
@@ -674,6 +676,7 @@ class PinWatcher:
         self.current: dict[tuple[str, int], frozenset[int]] = {}
         self.first_seen: dict[tuple[str, int], frozenset[int]] = {}
         self.errors: list[str] = []
+        self._last_start: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pin-watcher", daemon=True)
@@ -699,6 +702,7 @@ class PinWatcher:
             self._poll()
 
     def _poll(self) -> None:
+        started = time.monotonic()
         try:
             now = pins_of(self._conn)
         except libvirt.libvirtError as e:
@@ -706,13 +710,15 @@ class PinWatcher:
             return
         t = time.monotonic()
         with self._lock:
+            since = self._last_start if self._last_start is not None else t
             for key, cpus in now.items():
                 old = self.current.get(key)
                 if old is None:
                     self.first_seen.setdefault(key, cpus)
                 elif old != cpus:
-                    self.changes.append(PinChange(t, key[0], key[1], old, cpus))
+                    self.changes.append(PinChange(t, key[0], key[1], old, cpus, since))
             self.current = now
+            self._last_start = started
 
     def pins_at(self, domain: str, vcpu: int, at: float) -> frozenset[int] | None:
         """The pins a vCPU had at monotonic time `at`, from what was seen of it."""
@@ -737,6 +743,10 @@ class PinChange:
     vcpu: int
     old: frozenset[int]
     new: frozenset[int]
+    # The change happened after this (the start of the poll before) and before `at` (the end
+    # of the poll that saw it). A poll can take seconds on a busy host, when libvirtd is
+    # starting a guest, so `at` alone may lag the change by more than any fixed slack.
+    since: float | None = None
 
     def __str__(self) -> str:
         return f"{self.domain}/{self.vcpu} {format_cpus(self.old)}->{format_cpus(self.new)}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,4 +59,46 @@ def test_demo_runs_and_tears_down(vmlab: Lab) -> None:
     if ours:
         assert "libvirtd stopped" in out
     assert not [d for d in vmlab.lab_domains("lab-demo-")]
+    assert not processes_matching("guest=lab-demo-")
+
+
+def test_demo_piped_through_a_reader_that_dies_still_tears_down(vmlab: Lab) -> None:
+    """`make demo | tee log` and Ctrl-C: the terminal's SIGINT ends tee too, so the demo's
+    stdout is a broken pipe by the time it tears down. Here the reader goes away once the agent
+    runs, and the whole process group gets SIGINT at that moment, as from the terminal."""
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "tests/lab/demo.sh"), "--duration", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "starting the agent" in line:
+                break
+        assert any("starting the agent" in line for line in seen), "".join(seen)
+        time.sleep(3)
+        proc.stdout.close()  # the reader (tee) is gone...
+        os.killpg(proc.pid, signal.SIGINT)  # ...as the Ctrl-C reaches everyone
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = rest
+    assert code == 0, err
+    # Its stdout is dead: the teardown's report falls back to stderr.
+    assert "teardown complete" in err, err
+    assert "Traceback" not in err, err
+    assert not list(vmlab.lab_domains("lab-demo-"))
     assert not processes_matching("guest=lab-demo-")

@@ -13,8 +13,10 @@ AGENT = [sys.executable, "-m", "vcpusched"]
 
 
 def write_config(path: Path, pidfile: Path, **extra: object) -> Path:
-    lines = ["uri: test:///default", "interval: 0.2", f"pidfile: {pidfile}"]
-    lines += [f"{k}: {v}" for k, v in extra.items()]
+    # Extra keys replace the defaults here: the agent refuses a key given twice.
+    values: dict[str, object] = {"uri": "test:///default", "interval": 0.2, "pidfile": pidfile}
+    values.update(extra)
+    lines = [f"{k}: {v}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o644)
     return path

@@ -72,7 +72,7 @@ def test_two_agents_started_at_the_same_instant(tmp_path: Path, agents: list[Age
     losers = [a for a in pair if a.proc.poll() is not None]
     (loser,) = losers
     (winner,) = [a for a in pair if a is not loser]
-    assert loser.proc.returncode == 1
+    assert loser.proc.returncode == 4  # another instance running
     assert re.fullmatch(
         rf"vcpusched: another instance is running \(pid {winner.proc.pid}, "
         rf"pidfile {re.escape(str(pidfile))}\)\n",
@@ -122,3 +122,34 @@ def test_syslog_target_without_socket_refuses(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("vcpusched: cannot log to syslog: ")
     assert result.stderr.count("\n") == 1
+
+
+def test_relative_pidfile_on_the_command_line_refused_like_the_config_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
+    result = subprocess.run(
+        [*AGENT, "run", "--config", str(config), "-p", "a.pid"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "argument -p/--pidfile: expected an absolute path, got 'a.pid'" in result.stderr
+    assert not (tmp_path / "a.pid").exists()
+
+
+def test_planted_symlink_at_the_pidfile_refused(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a.pid").symlink_to(precious)
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run" / "a.pid")
+    result = subprocess.run(
+        [*AGENT, "run", "--once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.endswith("a.pid: it is a symbolic link\n"), result.stderr
+    assert precious.read_text() == "keep me\n"

@@ -52,6 +52,10 @@ def config_document(variables: dict[str, Any]) -> dict[str, Any]:
         "restore_on_exit": merged["vcpusched_restore_on_exit"],
         "log_level": merged["vcpusched_log_level"],
         "syslog_facility": merged["vcpusched_syslog_facility"],
+        "metrics": {
+            "textfile_dir": merged["vcpusched_metrics_textfile_dir"],
+            "listen": merged["vcpusched_metrics_listen"],
+        },
     }
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import uuid
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.role.fixtures import Target, build_wheels, config_document, local_sha256
+from tests.role.fixtures import TIMINGS, Target, build_wheels, config_document, local_sha256
 from tests.role.playbook import REPO, PlayRun
 from vcpusched.config import validate
 
@@ -106,6 +108,10 @@ def test_agent_runs_sandboxed(target: Target) -> None:
     score = float(match.group(1))
     print(f"systemd-analyze security vcpusched: {score} {match.group(2)}")
     assert score <= 4.0, report
+    # What the agent really uses, beside the unit's MemoryMax= and TasksMax=.
+    use = target.sh(f"grep -E '^(VmHWM|Threads):' /proc/{pid}/status").split()
+    limits = target.sh("systemctl show vcpusched -p MemoryMax -p TasksMax").split()
+    TIMINGS.append(f"  agent on the container: {' '.join(use)}; unit: {' '.join(limits)}")
 
 
 def test_second_run_changes_nothing(target: Target) -> None:
@@ -259,3 +265,152 @@ def test_rebuilt_wheel_of_same_version_restarts_instead_of_reloading(target: Tar
     assert_ok(again)
     assert again.recap["changed"] == 0, again.changed_steps()
     assert target.main_pid() == new_pid
+
+
+def test_manual_page_installed(target: Target) -> None:
+    target.require_converged()
+    shipped = (REPO / "man" / "vcpusched.8").read_text()
+    assert target.container.read("/usr/local/share/man/man8/vcpusched.8") == shipped
+
+
+def test_reload_rejected_by_the_agent_fails_the_play_with_its_reason(target: Target) -> None:
+    """A cpus set with no online pCPU passes every check but the running agent's: the reload
+    handler fails the play with the agent's reason, and the agent keeps its config and PID.
+    A second run, with nothing left to change, still fails: the role asks the agent."""
+    variables = target.require_converged()
+    pid = target.main_pid()
+    bad = {**variables, "vcpusched_cpus": "100-200"}
+    run = target.play(bad, label="config the agent rejects (cpus 100-200)")
+    assert run.returncode != 0
+    assert run.failed_steps() == [RELOAD], run.summary()
+    reason = "cpus: 100-200 selects no online pCPU of this host"
+    assert f"vcpusched: reload rejected: {CONFIG}: {reason}" in run.output, run.output[-3000:]
+    assert target.main_pid() == pid
+    assert target.service()["ActiveState"] == "active"
+    target.wait_for_line(pid, r"^reload rejected=")
+    # systemctl reload (the unit's ExecReload) fails the same way.
+    direct = target.container.ssh("systemctl reload vcpusched", check=False)
+    assert direct.returncode != 0
+    assert reason in target.sh("journalctl --no-pager -o cat -u vcpusched -n 20")
+
+    again = target.play(bad, label="same rejected config again")
+    assert again.returncode != 0
+    assert again.failed_steps() == ["Check the running agent accepted its config"], again.summary()
+    assert reason in again.output
+
+    fixed = target.play(variables, label="config fixed")
+    assert_ok(fixed)
+    assert fixed.statuses(RELOAD, "handler") == ["changed"], fixed.summary()
+    assert target.main_pid() == pid
+    # And systemctl reload, inside the unit's sandbox, succeeds on a file the agent accepts.
+    accepted = target.container.ssh("systemctl reload vcpusched", check=False)
+    assert accepted.returncode == 0, accepted.stdout
+    assert target.main_pid() == pid
+
+
+def test_watchdog_restarts_a_hung_agent(target: Target) -> None:
+    """WatchdogSec= holds across an interval longer than it (the agent pings while it waits),
+    and a hung agent (SIGSTOP, as a libvirt call that never returns) is restarted.
+
+    A drop-in shortens the shipped 30 s to 3 s, to keep the test short; it is removed after."""
+    variables = target.require_converged()
+    assert target.sh("systemctl show vcpusched -p WatchdogUSec").strip() == "WatchdogUSec=30s"
+    dropin = "/etc/systemd/system/vcpusched.service.d/watchdog-test.conf"
+    try:
+        target.sh(
+            f"cp {CONFIG} /root/vcpusched.yaml.saved && mkdir -p {dropin.rsplit('/', 1)[0]}"
+            f" && printf '[Service]\\nWatchdogSec=3s\\n' > {dropin}"
+            f" && sed -i 's/^interval: .*/interval: 10/' {CONFIG}"
+            " && systemctl daemon-reload && systemctl restart vcpusched"
+        )
+        pid = target.main_pid()
+        restarts = int(target.sh("systemctl show vcpusched -p NRestarts").split("=")[1])
+        target.wait_for_line(pid, r"^connected ")
+        time.sleep(8)  # more than two watchdog periods, within one 10 s interval
+        assert target.main_pid() == pid, "restarted while waiting out its interval"
+        assert target.service()["ActiveState"] == "active"
+
+        stopped = time.monotonic()
+        target.sh(f"kill -STOP {pid}")
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            service = target.service()
+            if service["MainPID"] not in ("0", str(pid)) and service["ActiveState"] == "active":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"not restarted after SIGSTOP: {target.service()}")
+        back = time.monotonic() - stopped
+        log = target.sh("journalctl --no-pager -o cat -u vcpusched -n 50")
+        assert "Watchdog timeout" in log, log
+        assert int(target.sh("systemctl show vcpusched -p NRestarts").split("=")[1]) > restarts
+        said = [line for line in log.splitlines() if "atchdog" in line or "Main process" in line]
+        TIMINGS.append(
+            f"  watchdog: pid {pid} alive 8 s into a 10 s interval under WatchdogSec=3s; "
+            f"SIGSTOPped, running again as pid {target.main_pid()} {back:.1f} s later "
+            f"(RestartSec=5): {' | '.join(said[-3:])}"
+        )
+    finally:
+        target.sh(
+            f"cp /root/vcpusched.yaml.saved {CONFIG} && rm -f {dropin}"
+            " && systemctl daemon-reload && systemctl restart vcpusched"
+        )
+    run = target.play(variables, label="after the watchdog test (idempotence)")
+    assert_ok(run)
+    assert run.recap["changed"] == 0, run.changed_steps()
+
+
+def test_metrics_status_and_status_text_under_the_sandbox(target: Target) -> None:
+    """Metrics on: the textfile lands in Debian's node_exporter directory (which the unit
+    allows), the listener answers on loopback through the role's drop-in, `vcpusched status`
+    reads the sandboxed daemon's state, and systemd shows the agent's STATUS= line."""
+    variables = target.require_converged()
+    textfile = "/var/lib/prometheus/node-exporter/vcpusched.prom"
+    target.sh(f"mkdir -p {textfile.rsplit('/', 1)[0]}")
+    metrics = {
+        **variables,
+        "vcpusched_metrics_textfile_dir": textfile.rsplit("/", 1)[0],
+        "vcpusched_metrics_listen": "127.0.0.1:9477",
+    }
+    run = target.play(metrics, label="metrics on")
+    assert_ok(run)
+    assert run.statuses("Install the metrics drop-in") == ["changed"], run.summary()
+    assert run.statuses(RESTART, "handler") == ["changed"], run.summary()
+    pid = target.main_pid()
+    target.wait_for_line(pid, r"^connected uri=qemu:///system\b")
+    deadline = time.monotonic() + 30
+    while "vcpusched_last_cycle_timestamp_seconds" not in target.sh(f"cat {textfile} || true"):
+        assert time.monotonic() < deadline, target.journal(pid)
+        time.sleep(0.5)
+    from_file = parse_metrics(target.sh(f"cat {textfile}"))
+    assert from_file["vcpusched_up"] == 1
+    assert from_file["vcpusched_connected"] == 1
+    assert target.sh(f"stat -c '%a' {textfile}").strip() == "644"
+    scraped = target.sh(
+        "python3 -c 'import urllib.request as u; "
+        'print(u.urlopen("http://127.0.0.1:9477/metrics", timeout=10).read().decode())\''
+    )
+    assert set(parse_metrics(scraped)) == set(from_file)
+
+    shown = target.sh("/opt/vcpusched/bin/vcpusched status")
+    assert shown.startswith(f"daemon pid {pid}: its state of "), shown
+    status_text = target.sh("systemctl show -p StatusText --value vcpusched").strip()
+    assert re.match(r"^(balanced|moving|would move): .*\d+ domains", status_text), status_text
+
+    # Metrics off again: the drop-in goes, the agent restarts inside the full sandbox.
+    run = target.play(variables, label="metrics off")
+    assert_ok(run)
+    assert run.statuses("Remove the metrics drop-in the config no longer needs") == ["changed"]
+    dropin = "/etc/systemd/system/vcpusched.service.d/metrics.conf"
+    assert target.sh(f"test -e {dropin} || echo gone").strip() == "gone"
+    assert target.service()["ActiveState"] == "active"
+    target.converged = variables
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """{sample name: value} of the unlabelled samples, and the sample names of the others."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = sample.value if not sample.labels else out.get(sample.name, 0)
+    return out

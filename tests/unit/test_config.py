@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vcpusched.cli import main
-from vcpusched.config import Config, ConfigError, load_config, validate
+from vcpusched.config import Config, ConfigError, listen_address, load_config, validate
 
 SAMPLE = Path(__file__).resolve().parents[2] / "etc" / "vcpusched.yaml"
 
@@ -51,7 +51,7 @@ def test_values_and_coercions() -> None:
     [
         ({"interval": 0}, "interval: must be at least 0.1 and at most 3600, got 0"),
         ({"interval": "fast"}, "interval: expected a number, got 'fast'"),
-        ({"interval": True}, "interval: expected a number, got True"),
+        ({"interval": True}, "interval: expected a number, got true"),
         (
             {"thresholds": {"high": 150}},
             "thresholds.high: must be above 0 and at most 100, got 150",
@@ -83,6 +83,21 @@ def test_values_and_coercions() -> None:
         ({"syslog_facility": "kern"}, "syslog_facility: expected one of daemon, user, local0,"),
         ({"uri": ""}, "uri: expected a non-empty string, got ''"),
         ({"min_gain": -1}, "min_gain: must be at least 0 and at most 100, got -1"),
+        ({"metrics": "on"}, "metrics: expected a mapping of textfile_dir and listen"),
+        (
+            {"metrics": {"textfile_dir": "prom"}},
+            "metrics.textfile_dir: expected an absolute path, got 'prom'",
+        ),
+        (
+            {"metrics": {"listen": "localhost:9101"}},
+            "metrics.listen: expected an IP address before the port, got 'localhost:9101'",
+        ),
+        (
+            {"metrics": {"listen": "127.0.0.1:70000"}},
+            "metrics.listen: expected a port from 1 to 65535 after the address",
+        ),
+        ({"metrics": {"listen": 9101}}, "metrics.listen: expected an address such as"),
+        ({"metrics": {"port": 1}}, "metrics.port: unknown option (not allowed at metrics)"),
     ],
 )
 def test_each_bad_value_names_key_value_and_expectation(document: dict, message: str) -> None:
@@ -142,7 +157,7 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad.yaml"
     bad.write_text("interval: 3\nthresholds: {low: 95}\nextra: 1\n")
     bad.chmod(0o644)
-    assert main(["check-config", str(bad)]) == 1
+    assert main(["check-config", str(bad)]) == 3
     err = capsys.readouterr().err.splitlines()
     assert (
         err
@@ -161,3 +176,25 @@ def test_changes_lists_what_differs() -> None:
         "thresholds.high:90.0->95.0",
         "exclude:[]->[a]",
     ]
+
+
+def test_metrics_keys() -> None:
+    config = validate({"metrics": {"textfile_dir": "/var/lib/x", "listen": "[::1]:9101"}})
+    assert config.metrics_textfile_dir == Path("/var/lib/x")
+    assert config.metrics_listen == "[::1]:9101"
+    assert listen_address("[::1]:9101") == ("::1", 9101)
+    assert listen_address("127.0.0.1:9101") == ("127.0.0.1", 9101)
+    assert validate({"metrics": None}) == Config()
+
+
+def test_ctrl_c_during_check_config_is_quiet_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vcpusched.cli as cli
+
+    def interrupted(*_args: object, **_kwargs: object) -> Config:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    assert main(["check-config", str(tmp_path / "c.yaml")]) == 130
+    assert capsys.readouterr() == ("", "")
