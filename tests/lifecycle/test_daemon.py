@@ -374,6 +374,13 @@ def test_reload_command_reports_the_agents_verdict(tmp_path: Path, agents: list[
     assert gone.stderr.startswith(f"vcpusched: no running agent found through {pidfile}: ")
 
 
+def _wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
 def test_ctrl_c_during_status_is_quiet_130(tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", tmp_path / "a.pid")
     proc = subprocess.Popen(
@@ -382,7 +389,13 @@ def test_ctrl_c_during_status_is_quiet_130(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)  # inside the sampling interval
+    # Inside the sampling interval: the process sleeps there (on a busy machine its start-up
+    # alone can take longer than any fixed delay).
+    deadline = time.monotonic() + 20
+    while "nanosleep" not in _wchan(proc.pid):
+        assert time.monotonic() < deadline, "status never reached its sampling interval"
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
