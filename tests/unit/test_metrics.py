@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -160,15 +159,6 @@ def test_disconnection_errors_and_summary(tmp_path: Path) -> None:
     host.down = False
     cycles(runner, host, 2)
     assert metrics(tmp_path)["vcpusched_connected"][()] == 1
-
-
-@pytest.fixture
-def keep_log_level() -> Iterator[None]:
-    # A reload sets the agent's log level; left at info, later tests would keep every record.
-    logger = logging.getLogger("vcpusched")
-    level = logger.level
-    yield
-    logger.setLevel(level)
 
 
 @pytest.mark.usefixtures("keep_log_level")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import threading
 import time
@@ -18,6 +17,7 @@ from vcpusched.service import VERDICT_FILE, ReloadVerdict, Runner, Signals
 from vcpusched_sim.host import DomainSpec, SimHost, constant
 
 ALL = frozenset({0, 1})
+pytestmark = pytest.mark.usefixtures("keep_log_level")
 
 
 class _Hangs(SimHost):
@@ -36,16 +36,6 @@ class _Hangs(SimHost):
             self.hang.clear()
         self.tick(0.1)
         return super().sample()
-
-
-@pytest.fixture(autouse=True)
-def _keep_log_level() -> Iterator[None]:
-    # A reload sets the agent logger's level; later tests (the soak's memory count, which
-    # pytest's log capture would fill) must not inherit it.
-    logger = logging.getLogger("vcpusched")
-    level = logger.level
-    yield
-    logger.setLevel(level)
 
 
 @pytest.fixture

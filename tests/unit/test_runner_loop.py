@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from vcpusched.service import Runner, Signals
 from vcpusched_sim.host import DomainSpec, SimHost, constant
 
 INTERVAL = 0.1
+pytestmark = pytest.mark.usefixtures("keep_log_level")
 
 
 class _Flaky(SimHost):
@@ -40,14 +40,6 @@ class _Flaky(SimHost):
 
     def close(self) -> None:
         self.closed += 1
-
-
-@pytest.fixture(autouse=True)
-def _keep_log_level() -> Iterator[None]:
-    logger = logging.getLogger("vcpusched")
-    level = logger.level
-    yield
-    logger.setLevel(level)
 
 
 def _start(runner: Runner) -> tuple[threading.Thread, list[int]]:
