@@ -348,28 +348,24 @@ METRICS_SCHEMA = vol.Schema(
 )
 
 
-def _metrics(value: Any) -> dict[str, Any]:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise vol.Invalid("expected a mapping of textfile_dir and listen")
-    result: dict[str, Any] = METRICS_SCHEMA(value)
-    return result
+def _section(schema: vol.Schema, keys: str) -> Any:
+    """A nested mapping of options: null is an empty one, anything else but a mapping an error."""
 
+    def check(value: Any) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise vol.Invalid(f"expected a mapping of {keys}")
+        result: dict[str, Any] = schema(value)
+        return result
 
-def _thresholds(value: Any) -> dict[str, float]:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise vol.Invalid("expected a mapping of high, target and low")
-    result: dict[str, float] = THRESHOLDS_SCHEMA(value)
-    return result
+    return check
 
 
 CONFIG_SCHEMA = vol.Schema(
     {
         vol.Optional("interval", default=_DEFAULT.interval): _number(0.1, 3600),
-        vol.Optional("thresholds", default={}): _thresholds,
+        vol.Optional("thresholds", default={}): _section(THRESHOLDS_SCHEMA, "high, target and low"),
         vol.Optional("min_gain", default=_DEFAULT.min_gain): _number(0, 100),
         vol.Optional("exclude", default=[]): _patterns,
         vol.Optional("cpus", default=None): _cpus,
@@ -381,7 +377,7 @@ CONFIG_SCHEMA = vol.Schema(
         vol.Optional("syslog_facility", default=_DEFAULT.syslog_facility): _choice(
             SYSLOG_FACILITIES
         ),
-        vol.Optional("metrics", default={}): _metrics,
+        vol.Optional("metrics", default={}): _section(METRICS_SCHEMA, "textfile_dir and listen"),
     }
 )
 
