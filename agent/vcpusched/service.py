@@ -35,6 +35,10 @@ from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, excluded,
 
 log = logging.getLogger("vcpusched")
 
+# A plan is made only on a window of at least this share of the interval. The daemon's ticks
+# are one interval apart; the latency of reading the counters moves a window by milliseconds.
+FULL_WINDOW = 0.9
+
 
 class Agent:
     """One cycle of the agent: host -> readings -> the balancer's plan -> pins -> audit."""
@@ -82,6 +86,11 @@ class Agent:
         self._track_domains(sample)
         before, self.last = self.last, sample
         if before is None:
+            return []
+        if sample.clock - before.clock < self.config.interval * FULL_WINDOW:
+            # A late sample followed at once by the next (a stalled libvirt call, a cycle
+            # that overran): too short a window to read demand from. It is the next baseline.
+            log.debug(event("short-window", seconds=round(sample.clock - before.clock, 3)))
             return []
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
@@ -303,6 +312,8 @@ class Runner:
         self._reload_started = 0.0
         self._started = False
         self._no_pcpus = False
+        # When the last sample was asked for: the next one comes one interval later.
+        self._sampled = time.monotonic()
         self._watchdog = notify.watchdog_period()
         self._pinged = 0.0
         self.counts = state.Counts()
@@ -326,6 +337,7 @@ class Runner:
         libvirt or a `cpus` set that selects no online pCPU, rather than a log line later.
         """
         self._log_start()
+        self._sampled = time.monotonic()
         try:
             self.agent.step()
         except HostError as exc:
@@ -384,8 +396,13 @@ class Runner:
             while self.signals.stop_signal is None:
                 self._ping(force=True)
                 if self.signals.reload:
+                    # The verdict is given at once; the new config plans from the next regular
+                    # tick, on a full window, never on a sample taken straight after the last.
                     self.signals.reload = False
+                    interval = self.config.interval
                     self.reload()
+                    if self.config.interval != interval:
+                        next_tick = self._sampled + self._delay()
                 elif next_tick <= time.monotonic():
                     if self._cycle():
                         cycles += 1
@@ -425,7 +442,7 @@ class Runner:
         return min(backoff, 2 * self.config.interval)
 
     def _cycle(self) -> bool:
-        started = time.monotonic()
+        started = self._sampled = time.monotonic()
         self._pinned = {}
         try:
             applied = self.agent.step()
