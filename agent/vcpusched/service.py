@@ -27,6 +27,7 @@ from vcpusched.config import (
     online_problem,
     override,
 )
+from vcpusched.emulator import EmulatorPins
 from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
@@ -63,6 +64,8 @@ class Agent:
         self.host_view = HostView()
         # Failed operations by name, for the metrics (`vcpusched_errors_total`).
         self.failures: dict[str, int] = {}
+        # Emulator threads and iothreads that follow their vCPUs (`pin_emulator: node`).
+        self.emulators = EmulatorPins()
 
     def excluded(self, domain: str) -> bool:
         return excluded(self.config.exclude, domain)
@@ -72,6 +75,7 @@ class Agent:
         self.balancer.reconfigure(config)
         self.balanced = None
         self.host_view.forget()  # a refused pin may be allowed now: try it again
+        self.emulators.forget()
 
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
@@ -105,6 +109,8 @@ class Agent:
         else:
             applied = self._apply(moves)
             self.balancer.applied(applied)
+        if self.config.pin_emulator == "node":
+            self._follow_emulators(sample, moves if self.config.dry_run else applied)
         self._log_balance(measured, bool(moves))
         return applied
 
@@ -130,6 +136,7 @@ class Agent:
             return
         log.info(event("gone", domain=domain, during=during))
         self.host_view.forget(domain)
+        self.emulators.forget(domain)
         for ref in refs:
             del self.original[ref]
             self.changed.pop(ref, None)
@@ -152,6 +159,16 @@ class Agent:
             applied.append(move)
             log.info(_move_line(move, node=self.host_view.node_change(move)))
         return applied
+
+    def _follow_emulators(self, sample: HostSample, moves: list[Move]) -> None:
+        pins = {ref: counters.affinity for ref, counters in sample.vcpus.items()}
+        pins.update((m.ref, frozenset((m.dst,))) for m in moves)
+        allowed = policy.allowed_pcpus(self.config, self.host_view.usable(self.config))
+        refused = self.emulators.follow(
+            self.host, pins, self.host_view.topology, allowed, self.excluded, self.config.dry_run
+        )
+        if refused:
+            self.failures["emulator"] = self.failures.get("emulator", 0) + refused
 
     def _log_dry_run(self, moves: list[Move]) -> None:
         # The host does not change in a dry run, so every cycle plans the same moves again;
@@ -198,6 +215,8 @@ class Agent:
                 continue
             log.info(event("restore", domain=ref.domain, vcpu=ref.vcpu, to=format_cpus(pcpus)))
         self.changed.clear()
+        if refused := self.emulators.restore(self.host):
+            self.failures["restore"] = self.failures.get("restore", 0) + refused
 
 
 def _move_line(move: Move, dry_run: bool = False, node: str | None = None) -> str:
@@ -619,6 +638,7 @@ class Runner:
                 self.host = self.host_factory(new.uri)
                 agent = Agent(self.host, new)
                 agent.original, agent.changed = self.agent.original, self.agent.changed
+                agent.emulators.original = self.agent.emulators.original
                 self.agent = agent
             else:
                 self.agent.reconfigure(new)
