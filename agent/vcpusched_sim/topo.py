@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vcpusched.host import DomainGone, PinError
-from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+from vcpusched.model import HostSample, Vcpu, VcpuCounters, VcpuRef
 from vcpusched.topology import MemoryPlacement, Topology, format_cpus, parse_capabilities
 from vcpusched_sim.host import FULL, NS, STARVED_BY, DomainSpec, Load, allocate
 
@@ -338,6 +338,25 @@ def memory_of(placement: MemoryPlacement | None, where: Iterable[int | None]) ->
     return {home: 1.0}
 
 
+def placed_from(
+    vcpus: Iterable[Vcpu], topology: Topology, memory: Mapping[str, MemoryPlacement]
+) -> list[Placed]:
+    """The policy's view of a placement, ready to `score`: each vCPU's demand and affinity
+    from a snapshot, its domain's memory (`memory_of`) and binding from its numatune."""
+    listed = list(vcpus)
+    where: dict[str, list[int | None]] = defaultdict(list)
+    for v in listed:
+        nodes = {topology.node_of(p) for p in v.affinity}
+        where[v.ref.domain].append(nodes.pop() if len(nodes) == 1 else None)
+    homes = {d: memory_of(memory.get(d), w) for d, w in where.items()}
+    out = []
+    for v in listed:
+        placement = memory.get(v.ref.domain)
+        bound = None if placement is None else placement.allowed_cpus(v.ref.vcpu, topology)
+        out.append(Placed(v.ref, v.demand, v.affinity, homes[v.ref.domain], bound))
+    return out
+
+
 # -- the simulated host ----------------------------------------------------------------------
 
 
@@ -614,6 +633,7 @@ __all__ = [
     "host_topology",
     "memory_of",
     "node_factor",
+    "placed_from",
     "predict",
     "score",
     "thread_speed",

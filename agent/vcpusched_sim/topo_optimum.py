@@ -20,7 +20,7 @@ proven, unless it reaches `topo.upper_bound`, which otherwise states how far off
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vcpusched.model import VcpuRef
@@ -317,3 +317,53 @@ def optimum(
 
 def _key(vcpu: Placed, node: int, speed: Speed) -> _Key:
     return (min(vcpu.demand, FULL), node_factor(node, vcpu.memory, speed))
+
+
+def keep_in_place(
+    topology: Topology,
+    placement: Mapping[VcpuRef, int],
+    current: Mapping[VcpuRef, frozenset[int]],
+) -> dict[VcpuRef, int]:
+    """The same placement with its cores relabelled so that the most vCPUs stay where they are.
+
+    Cores of one node and cache group with as many threads are interchangeable in the model,
+    and so are the threads of a core: exchanging them changes no figure, only the pins needed.
+    """
+    classes: dict[tuple[int | None, frozenset[int] | None, int], list[tuple[int, ...]]] = {}
+    for core in topology.cores:
+        first = min(core)
+        key = (topology.node_of(first), topology.cache_group_of(first), len(core))
+        classes.setdefault(key, []).append(tuple(sorted(core)))
+    planned: dict[int, list[VcpuRef]] = {}
+    for ref, cpu in placement.items():
+        planned.setdefault(cpu, []).append(ref)
+    out: dict[VcpuRef, int] = {}
+    for cores in classes.values():
+        pairs: list[tuple[int, int, int, tuple[int, ...]]] = []
+        for i, plan in enumerate(cores):
+            if not any(planned.get(c) for c in plan):
+                continue
+            for j, target in enumerate(cores):
+                for order in itertools.permutations(target):
+                    stay = sum(
+                        1
+                        for src, dst in zip(plan, order, strict=True)
+                        for ref in planned.get(src, ())
+                        if current.get(ref) == frozenset({dst})
+                    )
+                    pairs.append((stay, i, j, order))
+        # Most vCPUs kept first; a core kept as planned wins a tie.
+        pairs.sort(key=lambda x: (-x[0], x[1] != x[2], x[1], x[2]))
+        used_plan: set[int] = set()
+        used_target: set[int] = set()
+        for _, i, j, order in pairs:
+            if i in used_plan or j in used_target:
+                continue
+            used_plan.add(i)
+            used_target.add(j)
+            for src, dst in zip(cores[i], order, strict=True):
+                for ref in planned.get(src, ()):
+                    out[ref] = dst
+    for ref, cpu in placement.items():
+        out.setdefault(ref, cpu)  # on a CPU the topology does not list: as planned
+    return out

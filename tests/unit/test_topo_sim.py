@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from random import Random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vcpusched.host import PinError
-from vcpusched.model import VcpuRef
+from vcpusched.model import Vcpu, VcpuRef
 from vcpusched.topology import MemoryPlacement, Topology, parse_capabilities
 from vcpusched_sim.host import DomainSpec, constant
 from vcpusched_sim.topo import (
@@ -23,13 +24,14 @@ from vcpusched_sim.topo import (
     host_topology,
     memory_of,
     node_factor,
+    placed_from,
     predict,
     score,
     thread_speed,
     upper_bound,
 )
 from vcpusched_sim.topo_bench import FlatView, main, run
-from vcpusched_sim.topo_optimum import core_work, optimum
+from vcpusched_sim.topo_optimum import core_work, keep_in_place, optimum
 from vcpusched_sim.topo_scenarios import TOPO_SCENARIOS
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -423,3 +425,55 @@ def test_command_line_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "remote" in err
     assert main(["--list"]) == 0
     assert "t128-large" in capsys.readouterr().out
+
+
+@settings(max_examples=30, deadline=None)
+@given(small_cases(), st.randoms(use_true_random=False))
+def test_keep_in_place_changes_no_figure_and_no_more_pins(
+    case: tuple[Topology, list[Placed]], rng: Random
+) -> None:
+    t, vcpus = case
+    cpus = sorted(t.cpus)
+    current = {v.ref: frozenset({rng.choice(cpus)}) for v in vcpus}
+    best = optimum(t, vcpus)
+    kept = keep_in_place(t, best.placement, current)
+
+    def pinned(placement: dict[VcpuRef, int]) -> list[Placed]:
+        return [
+            Placed(v.ref, v.demand, frozenset({placement[v.ref]}), v.memory, v.bound) for v in vcpus
+        ]
+
+    assert predict(t, pinned(kept)).total_work == pytest.approx(best.work)
+    assert score(t, pinned(kept)) == score(t, pinned(best.placement))
+
+    def moves(placement: dict[VcpuRef, int]) -> int:
+        return sum(1 for r, p in placement.items() if current[r] != {p})
+
+    assert moves(kept) <= moves(best.placement)
+
+
+def test_keep_in_place_leaves_an_optimal_placement_alone() -> None:
+    t = host_topology(2, 2, 2)  # node 0: cores {0,1}, {2,3}
+    vcpus = [_v("a", 0, 100, t.cpus), _v("a", 1, 100, t.cpus)]
+    current = {VcpuRef("a", 0): frozenset({3}), VcpuRef("a", 1): frozenset({0})}
+    best = optimum(t, vcpus)
+    assert keep_in_place(t, best.placement, current) == {VcpuRef("a", 0): 3, VcpuRef("a", 1): 0}
+
+
+def test_a_policy_can_score_its_snapshot() -> None:
+    t = host_topology(2, 2, 2)  # node 0: 0-3, node 1: 4-7
+    memory = {"s": MemoryPlacement(mode="strict", nodeset=frozenset({1}))}
+    vcpus = [
+        Vcpu(VcpuRef("s", 0), received=80, demand=80, affinity=frozenset({0})),
+        Vcpu(VcpuRef("n", 0), received=80, demand=80, affinity=frozenset({4})),
+        Vcpu(VcpuRef("n", 1), received=80, demand=80, affinity=frozenset({5})),
+        Vcpu(VcpuRef("n", 2), received=80, demand=80, affinity=frozenset({0})),
+    ]
+    placed = placed_from(vcpus, t, memory)
+    assert placed[0].bound == t.nodes[1]
+    assert placed[0].memory == {1: 1.0}
+    assert placed[1].memory == {1: 1.0}  # no numatune: home where most of its vCPUs run
+    s = score(t, placed)
+    assert (s.outside_strict, s.cross_node, s.split) == (1, 2, 1)
+    # Two busy vCPUs on CPU 0 itself and two on core {4,5}, with {2,3} and {6,7} free.
+    assert s.shared == 2
