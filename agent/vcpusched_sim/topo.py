@@ -210,7 +210,9 @@ def predict(topology: Topology, vcpus: Sequence[Placed], speed: Speed | None = N
     cores. Work is each slice of CPU time at the speed of the thread it ran on.
     """
     speed = speed or Speed()
-    pcpus = sorted(topology.cpus)
+    # A CPU the topology does not list (offline since, or never reported) still runs what is
+    # pinned there, on no known node or core.
+    pcpus = sorted(set(topology.cpus).union(*(v.affinity for v in vcpus)))
     received, _ = allocate(pcpus, [(v.demand, v.affinity) for v in vcpus])
     busy = {p: 0.0 for p in pcpus}
     where: list[dict[int, float]] = [{} for _ in vcpus]
@@ -256,6 +258,8 @@ class Score:
     split: int  # domains that fit in one node but whose vCPUs may run on several
     shared: int  # cores holding two busy vCPUs that could have had a free core of their own
     outside_strict: int  # vCPUs allowed outside the CPUs their memory binds them to
+    # Domains that fit in one last-level cache group but whose vCPUs may run in several.
+    llc_split: int = 0
 
 
 def score(
@@ -287,6 +291,14 @@ def score(
     split = sum(
         1 for domain, nodes in nodes_of.items() if len(nodes) > 1 and count[domain] <= largest_node
     )
+    groups_of: dict[str, set[frozenset[int]]] = defaultdict(set)
+    for v in vcpus:
+        for p in v.affinity:
+            if (group := topology.cache_group_of(p)) is not None:
+                groups_of[v.ref.domain].add(group)
+    groups = {g for p in managed if (g := topology.cache_group_of(p)) is not None}
+    largest_group = max((len(g & managed) for g in groups), default=0)
+    llc_split = sum(1 for d, g in groups_of.items() if len(g) > 1 and count[d] <= largest_group)
     return Score(
         work=outcome.total_work,
         received=outcome.total_received,
@@ -295,6 +307,7 @@ def score(
         split=split,
         shared=shared_cores(topology, vcpus, managed, busy_at),
         outside_strict=outside,
+        llc_split=llc_split,
     )
 
 

@@ -244,6 +244,7 @@ COLUMNS = (
     "CPU",
     "cross-node",
     "split",
+    "llc split",
     "shared cores",
     "outside strict",
     "pins",
@@ -267,6 +268,7 @@ def _rows(runs: dict[str, Run]) -> list[list[str]]:
                 f"{r.mean_received:.2f}",
                 str(s.cross_node),
                 str(s.split),
+                str(s.llc_split),
                 str(s.shared),
                 str(s.outside_strict),
                 str(sum(r.pins)),
@@ -425,7 +427,9 @@ and the topology that a policy can call on its own plans.
   second), averaged over the second half of each epoch (epochs end where CPUs go offline);
   **% opt**: work relative to the optimum's.
 - At the end of the run: **cross-node**: vCPUs that may run on a node holding none of their
-  domain's memory; **split**: domains that fit in one node but may run on several; **shared
+  domain's memory; **split**: domains that fit in one node but may run on several; **llc
+  split**: the same for last-level cache groups (no target: the model gives caches no cost);
+  **shared
   cores**: cores holding two busy vCPUs (demand >= {busy:g}%) while a free core exists that one
   of them may use; **outside strict**: vCPUs allowed outside the CPUs their memory binds them to.
 - **pins**: pin changes over the run; **late pins**: in the second half of an epoch; **plan

@@ -26,13 +26,16 @@ class TopoScenario:
     threads: int
     numbering: str
     domains: tuple[TopoDomain, ...]
+    llc_per_socket: int = 1
     cycles: int = CYCLES
     interval: float = 1.0
     # (seconds since the start, CPU) going offline.
     offline: tuple[tuple[float, int], ...] = ()
 
     def topology(self) -> Topology:
-        return host_topology(self.sockets, self.cores, self.threads, self.numbering)
+        return host_topology(
+            self.sockets, self.cores, self.threads, self.numbering, self.llc_per_socket
+        )
 
     def host(self, speed: Speed | None = None) -> TopoHost:
         return TopoHost(self.topology(), self.domains, speed, self.offline)
@@ -61,7 +64,14 @@ def _domain(
 
 
 def _floating(
-    name: str, sockets: int, cores: int, threads: int, numbering: str, pairs: int, demand: float
+    name: str,
+    sockets: int,
+    cores: int,
+    threads: int,
+    numbering: str,
+    pairs: int,
+    demand: float,
+    llc: int = 1,
 ) -> TopoScenario:
     """Six two-vCPU guests wanting 90% each, none pinned: three bound to node 0, three whose
     memory is on node 1 without a numatune."""
@@ -80,12 +90,14 @@ def _floating(
     return TopoScenario(
         name,
         f"{sockets}x{cores}x{threads} (threads {order}); {pairs} guests x 2 vCPUs at {demand:g}%,"
-        " unpinned; even ones strict on node 0, odd ones no numatune, memory on node 1",
+        " unpinned; even ones strict on node 0, odd ones no numatune, memory on node 1"
+        + (f"; {llc} L3 groups per socket" if llc > 1 else ""),
         sockets,
         cores,
         threads,
         numbering,
         domains,
+        llc_per_socket=llc,
     )
 
 
@@ -155,7 +167,7 @@ def _large() -> TopoScenario:
 
 def _build() -> dict[str, TopoScenario]:
     cases = [
-        _floating("t32-adjacent", 2, 8, 2, "adjacent", 6, 90.0),
+        _floating("t32-adjacent", 2, 8, 2, "adjacent", 6, 90.0, llc=2),
         _floating("t32-split", 2, 8, 2, "split", 6, 90.0),
         _overload(),
         _offline(),

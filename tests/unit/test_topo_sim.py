@@ -408,6 +408,7 @@ def test_no_policy_beats_the_optimum(name: str) -> None:
     assert best.exact
     assert best.final is not None
     assert (best.final.outside_strict, best.final.split, best.final.shared) == (0, 0, 0)
+    assert best.final.llc_split == 0
     for r in runs.values():
         assert r.mean_work <= best.mean_work + 1e-6
         assert r.mean_work <= r.mean_received + 1e-6
@@ -477,3 +478,18 @@ def test_a_policy_can_score_its_snapshot() -> None:
     assert (s.outside_strict, s.cross_node, s.split) == (1, 2, 1)
     # Two busy vCPUs on CPU 0 itself and two on core {4,5}, with {2,3} and {6,7} free.
     assert s.shared == 2
+
+
+def test_cache_groups_and_unknown_cpus() -> None:
+    t = host_topology(1, 4, 2, llc_per_socket=2)  # L3 groups: cores 0-1 (CPUs 0-3), 2-3 (4-7)
+    together = [_v("a", 0, 50, {0}), _v("a", 1, 50, {2})]
+    apart = [_v("a", 0, 50, {0}), _v("a", 1, 50, {4})]
+    assert score(t, together).llc_split == 0
+    assert score(t, apart).llc_split == 1
+    big = [_v("b", i, 10, {i}) for i in range(6)]  # more vCPUs than a group has CPUs
+    assert score(t, big).llc_split == 0
+    # A CPU the topology does not list (gone offline since the snapshot) runs its vCPUs all
+    # the same, on no known node or core.
+    gone = [_v("a", 0, 50, {9})]
+    assert predict(t, gone).work == (50.0,)
+    assert score(t, gone).cross_node == 0
