@@ -9,7 +9,8 @@ The model (`Speed`):
 - Sibling threads share their core: a thread alone on its core runs at full speed; with its
   sibling busy all the time the two deliver `smt_pair` cores between them (1.25 by default:
   each runs at 0.625). In between, a thread runs at full speed while its sibling idles and at
-  the shared speed while it is busy, the two busy at independent times.
+  the shared speed while it is busy, the two busy at independent times. (With more threads
+  per core, the siblings' busy time is summed, capped at all of it.)
 - Work done on a node that does not hold the domain's memory runs at `remote` speed (0.7).
   A domain's memory is where its `<numatune>` binds it, or where it first ran without one:
   the simulator does not migrate memory (the kernel's automatic NUMA balancing, which the
@@ -19,7 +20,10 @@ The model (`Speed`):
 
 `predict` and `score` are pure: they take a placement and give its work done and its counts
 (vCPUs off their memory node, split domains, shared cores while free ones exist, vCPUs
-outside a strict nodeset), for the benchmark and for a policy that wants to judge a plan.
+outside a strict nodeset), for the benchmark and for a policy that wants to judge a plan
+(`placed_from` builds their input from a snapshot). They need only the agent's types and
+`vcpusched_sim.host.allocate`: the daemon never imports the simulator, so a policy that uses
+them takes them, with `allocate`, into its own package.
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ from vcpusched_sim.host import FULL, NS, STARVED_BY, DomainSpec, Load, allocate
 # A vCPU wanting at least this much (% of a pCPU) counts as busy for the shared-core count.
 BUSY = 50.0
 NUMATUNE = ("strict", "none", "auto")
-# The model's defaults: two busy threads of a core deliver 1.25 cores (numad counts a
-# hyperthread as 20% of a core; the issue's figure is about 25%), and work off the memory's
-# node runs at 0.7 (published guest STREAM losses run from 2x to 7x on bandwidth; most work
-# is not all memory traffic).
+# The model's defaults: two busy threads of a core deliver 1.25 cores (numad values a
+# hyperthread at 0.2 of a core), and work off the memory's node runs at 0.7 (published guest
+# STREAM losses are 2-7x on bandwidth alone; most work is not all memory traffic).
 SMT_PAIR = 1.25
 REMOTE = 0.7
 

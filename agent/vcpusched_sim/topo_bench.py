@@ -507,7 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.1f} s in all", file=sys.stderr)
     if args.docs is not None:
-        write_docs(results, args.docs / "benchmark-topology.md", speed, seconds)
+        try:
+            write_docs(results, args.docs / "benchmark-topology.md", speed, seconds)
+        except OSError as exc:
+            print(f"topo_bench: cannot write {args.docs}: {exc.strerror}", file=sys.stderr)
+            return 1
     return 1 if args.check and missed else 0
 
 

@@ -428,6 +428,21 @@ def test_command_line_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "t128-large" in capsys.readouterr().out
 
 
+def test_docs_written_or_one_line_why_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--scenario", "t32-split", "--docs", str(tmp_path)]) == 0
+    doc = (tmp_path / "benchmark-topology.md").read_text()
+    assert "## t32-split" in doc
+    assert "| optimum |" in doc
+    capsys.readouterr()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["--scenario", "t32-split", "--docs", str(blocked)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"topo_bench: cannot write {blocked}")
+
+
 @settings(max_examples=30, deadline=None)
 @given(small_cases(), st.randoms(use_true_random=False))
 def test_keep_in_place_changes_no_figure_and_no_more_pins(
