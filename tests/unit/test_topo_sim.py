@@ -352,7 +352,12 @@ def _brute_force(t: Topology, vcpus: list[Placed]) -> float:
 def small_cases(draw: st.DrawFn) -> tuple[Topology, list[Placed]]:
     t = draw(
         st.sampled_from(
-            [host_topology(2, 1, 2), host_topology(2, 2, 1), host_topology(1, 2, 2, "split")]
+            [
+                host_topology(2, 1, 2),
+                host_topology(2, 2, 1),
+                host_topology(1, 2, 2, "split"),
+                host_topology(2, 2, 2, "split"),
+            ]
         )
     )
     n = draw(st.integers(1, 4))
