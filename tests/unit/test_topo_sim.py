@@ -391,6 +391,9 @@ def test_optimum_equals_brute_force_on_small_hosts(case: tuple[Topology, list[Pl
     ]
     assert predict(t, pinned).total_work == pytest.approx(best.work)
     assert best.work <= upper_bound(t, vcpus) + 1e-6
+    # It keeps the rules it is searched under.
+    judged = score(t, pinned)
+    assert (judged.outside_strict, judged.split) == (0, 0)
 
 
 def test_optimum_reaches_the_bound_on_a_large_host() -> None:
