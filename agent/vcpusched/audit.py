@@ -39,7 +39,7 @@ ALIASES = {
     "loads": "util",
 }
 PIN_EVENTS = ("place", "move", "restore")
-LIFECYCLE = ("start", "stop", "reload", "connected", "disconnected", "new", "gone")
+LIFECYCLE = ("start", "stop", "reload", "connected", "disconnected", "new", "gone", "emulator")
 
 _LEVEL = r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) )?"
 # `TIME [HOST] vcpusched[PID]: [LEVEL] message`: rsyslog (RFC 3339 or `Mon dd hh:mm:ss`), and

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from vcpusched import __version__, policy, state, stats
+from vcpusched import __version__, interrupt, policy, state, stats
 from vcpusched.config import DEFAULT_PATH, Config, ConfigError, load_config, override
 from vcpusched.host import Host, HostError
 from vcpusched.model import excluded as excluded_by
@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_RUNNING = 4
 EXIT_UNREACHABLE = 5
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 EXIT_CODES = (
     (0, "success"),
     (EXIT_FAILURE, "any other error (pidfile unusable, no syslog, no answer to a reload)"),
@@ -181,7 +181,7 @@ RELOAD_TIMEOUT = 20.0
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C is an answer, not a crash: no traceback.
         return EXIT_INTERRUPTED
@@ -190,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+    except Exception:
+        # Raised by a KeyboardInterrupt that Python wrapped (see vcpusched.__main__).
+        if interrupt.interrupted():
+            return EXIT_INTERRUPTED
+        raise
+    # A SIGINT whose exception a finalizer swallowed (see vcpusched.interrupt) still counts.
+    return EXIT_INTERRUPTED if interrupt.interrupted() else code
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -242,6 +249,7 @@ def check_config(path: Path, quiet: bool) -> int:
         config = load_config(path)
     except ConfigError as exc:
         return _config_failed(exc)
+    interrupt.check()
     if not quiet:
         print(f"# {path}: valid")
         print(yaml.safe_dump(config.as_document(), sort_keys=False), end="")
@@ -314,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            # A Ctrl-C before these handlers whose exception was swallowed: stop, not run.
+            interrupt.check()
         try:
             logs.setup(log_target, config.log_level, config.syslog_facility)
         except OSError as exc:
@@ -431,6 +441,7 @@ def status(path: Path | None, interval: float | None, as_json: bool = False) -> 
             return _fail(f"{note}; sampling: {value_exc}")
         source = {"kind": "sample", "note": note, "seconds": config.interval}
         header = f"{note}: sampled by itself over {config.interval:g} s"
+    interrupt.check()
     if as_json:
         print(json.dumps({"source": source, **live.as_json()}, indent=2, sort_keys=True))
     else:
@@ -444,6 +455,7 @@ def sample_state(config: Config) -> state.LiveState:
     host = _host(config.uri)
     try:
         first = host.sample()
+        interrupt.check()  # before the wait, however long the interval
         time.sleep(config.interval)
         second = host.sample()
     finally:

@@ -71,6 +71,9 @@ class Config:
     pidfile: Path = Path("/run/vcpusched/vcpusched.pid")
     dry_run: bool = False
     restore_on_exit: bool = False
+    # Where each domain's emulator thread and iothreads go: "off" (left alone) or "node" (the
+    # CPUs of the nodes its vCPUs run on).
+    pin_emulator: str = "off"
     log_level: str = "info"
     syslog_facility: str = "daemon"
     # Prometheus metrics: a node_exporter textfile directory and/or a local listener.
@@ -89,6 +92,7 @@ class Config:
             "pidfile": str(self.pidfile),
             "dry_run": self.dry_run,
             "restore_on_exit": self.restore_on_exit,
+            "pin_emulator": self.pin_emulator,
             "log_level": self.log_level,
             "syslog_facility": self.syslog_facility,
             "metrics": {
@@ -329,6 +333,18 @@ def _choice(options: tuple[str, ...] | dict[str, int]) -> Any:
     return check
 
 
+PIN_EMULATOR = ("off", "node")
+
+
+def _pin_emulator(value: Any) -> str:
+    # YAML 1.1 reads a bare `off` as false: take it as meant.
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value.lower() in PIN_EMULATOR:
+        return value.lower()
+    raise vol.Invalid(f"expected off or node, got {_show(value)}")
+
+
 _DEFAULT = Config()
 
 THRESHOLDS_SCHEMA = vol.Schema(
@@ -373,6 +389,7 @@ CONFIG_SCHEMA = vol.Schema(
         vol.Optional("pidfile", default=str(_DEFAULT.pidfile)): _path,
         vol.Optional("dry_run", default=False): _boolean,
         vol.Optional("restore_on_exit", default=False): _boolean,
+        vol.Optional("pin_emulator", default=_DEFAULT.pin_emulator): _pin_emulator,
         vol.Optional("log_level", default=_DEFAULT.log_level): _choice(LOG_LEVELS),
         vol.Optional("syslog_facility", default=_DEFAULT.syslog_facility): _choice(
             SYSLOG_FACILITIES
@@ -438,6 +455,7 @@ def validate(document: Any, source: str = "<config>") -> Config:
         pidfile=data["pidfile"],
         dry_run=data["dry_run"],
         restore_on_exit=data["restore_on_exit"],
+        pin_emulator=data["pin_emulator"],
         log_level=data["log_level"],
         syslog_facility=data["syslog_facility"],
         metrics_textfile_dir=data["metrics"]["textfile_dir"],

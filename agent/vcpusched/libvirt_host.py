@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import libvirt
 
-from vcpusched.host import DomainGone, HostError, PinError
+from vcpusched.host import DomainGone, HostError, PinError, ThreadPins
 from vcpusched.logs import event
 from vcpusched.model import HostSample, VcpuCounters, VcpuRef
 from vcpusched.topology import (
@@ -40,6 +41,8 @@ from vcpusched.topology import (
 log = logging.getLogger(__name__)
 
 PINS_PER_SAMPLE = 4
+
+T = TypeVar("T")
 
 # The domain is gone, or no longer running: skip it, the next sample will not list it.
 _GONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
@@ -279,25 +282,64 @@ class LibvirtHost:
         return out
 
     def pin(self, ref: VcpuRef, pcpus: frozenset[int]) -> None:
-        conn = self._connect()
+        cpumap = tuple(i in pcpus for i in range(self._host_cpus))
+        self._on_domain(ref.domain, lambda handle: handle.pinVcpu(ref.vcpu, cpumap), ref)
         domain = self._domains.get(ref.domain)
+        if domain is not None and ref.vcpu < len(domain.pins):
+            domain.pins[ref.vcpu] = pcpus
+
+    def thread_pins(self, domain: str) -> ThreadPins:
+        def read(handle: Any) -> ThreadPins:
+            return ThreadPins(_cpuset(handle.emulatorPinInfo(0)), self._iothreads(handle))
+
+        pins: ThreadPins = self._on_domain(domain, read)
+        return pins
+
+    def pin_threads(self, domain: str, pins: ThreadPins) -> None:
+        def cpumap(pcpus: frozenset[int]) -> tuple[bool, ...]:
+            return tuple(i in pcpus for i in range(self._host_cpus))
+
+        def pin(handle: Any) -> None:
+            handle.pinEmulator(cpumap(pins.emulator), 0)
+            for iothread, pcpus in sorted(pins.iothreads.items()):
+                handle.pinIOThread(iothread, cpumap(pcpus), 0)
+
+        self._on_domain(domain, pin)
+
+    @staticmethod
+    def _iothreads(handle: Any) -> dict[int, frozenset[int]]:
         try:
-            handle = domain.handle if domain else conn.lookupByName(ref.domain)
-            cpumap = tuple(i in pcpus for i in range(self._host_cpus))
-            handle.pinVcpu(ref.vcpu, cpumap)
+            info = handle.ioThreadInfo(0)
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                return {}  # a driver without iothreads
+            raise
+        return {int(iothread): _cpuset(cpumap) for iothread, cpumap in info}
+
+    def _on_domain(self, name: str, call: Callable[[Any], T], ref: VcpuRef | None = None) -> T:
+        """`call(handle)` on a running domain, its errors told apart: the domain gone, the
+        connection lost, or a refusal (a cgroup cpuset, a driver that cannot)."""
+        conn = self._connect()
+        domain = self._domains.get(name)
+        try:
+            handle = domain.handle if domain else conn.lookupByName(name)
+            return call(handle)
+        except libvirt.libvirtError as exc:
+            what = str(ref) if ref is not None else name
             code = exc.get_error_code()
             if code in _GONE:
-                self._domains.pop(ref.domain, None)
-                raise DomainGone(ref) from None
-            if code in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
-                raise PinError(f"{ref}: {exc.get_error_message()}") from None
+                self._domains.pop(name, None)
+                raise DomainGone(ref or name) from None
+            if code in (
+                libvirt.VIR_ERR_INVALID_ARG,
+                libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+                libvirt.VIR_ERR_NO_SUPPORT,
+            ):
+                raise PinError(f"{what}: {exc.get_error_message()}") from None
             try:
                 alive = conn.isAlive() == 1
             except libvirt.libvirtError:
                 alive = False
             if not alive:
                 raise self._lost("pinning failed", exc) from None
-            raise PinError(f"{ref}: {exc.get_error_message()}") from None
-        if domain is not None and ref.vcpu < len(domain.pins):
-            domain.pins[ref.vcpu] = pcpus
+            raise PinError(f"{what}: {exc.get_error_message()}") from None

@@ -15,8 +15,8 @@ from vcpusched import __version__, cli
 _SIGNALS = (
     (
         "SIGHUP",
-        "re-read and validate the config; apply it if valid, else keep the old one and "
-        "log every error (see the reload command)",
+        "re-read and validate the config; if valid, apply it from the next regular tick, "
+        "else keep the old one and log every error (see the reload command)",
     ),
     (
         "SIGTERM, SIGINT",

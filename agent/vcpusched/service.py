@@ -27,6 +27,7 @@ from vcpusched.config import (
     online_problem,
     override,
 )
+from vcpusched.emulator import EmulatorPins
 from vcpusched.guard import HostView
 from vcpusched.host import DomainGone, Host, HostError, PinError
 from vcpusched.logs import event
@@ -34,6 +35,10 @@ from vcpusched.metrics import Exporter
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, excluded, format_cpus
 
 log = logging.getLogger("vcpusched")
+
+# A plan is made only on a window of at least this share of the interval. The daemon's ticks
+# are one interval apart; the latency of reading the counters moves a window by milliseconds.
+FULL_WINDOW = 0.9
 
 
 class Agent:
@@ -59,6 +64,8 @@ class Agent:
         self.host_view = HostView()
         # Failed operations by name, for the metrics (`vcpusched_errors_total`).
         self.failures: dict[str, int] = {}
+        # Emulator threads and iothreads that follow their vCPUs (`pin_emulator: node`).
+        self.emulators = EmulatorPins()
 
     def excluded(self, domain: str) -> bool:
         return excluded(self.config.exclude, domain)
@@ -68,6 +75,7 @@ class Agent:
         self.balancer.reconfigure(config)
         self.balanced = None
         self.host_view.forget()  # a refused pin may be allowed now: try it again
+        self.emulators.forget()
 
     def forget_sample(self) -> None:
         """Drop the baseline: after a reconnect the counters may have moved on without us."""
@@ -83,6 +91,11 @@ class Agent:
         before, self.last = self.last, sample
         if before is None:
             return []
+        if sample.clock - before.clock < self.config.interval * FULL_WINDOW:
+            # A late sample followed at once by the next (a stalled libvirt call, a cycle
+            # that overran): too short a window to read demand from. It is the next baseline.
+            log.debug(event("short-window", seconds=round(sample.clock - before.clock, 3)))
+            return []
         measured = stats.snapshot(before, sample, self.excluded)
         if measured is None:
             return []
@@ -96,6 +109,8 @@ class Agent:
         else:
             applied = self._apply(moves)
             self.balancer.applied(applied)
+        if self.config.pin_emulator == "node":
+            self._follow_emulators(sample, moves if self.config.dry_run else applied)
         self._log_balance(measured, bool(moves))
         return applied
 
@@ -121,6 +136,7 @@ class Agent:
             return
         log.info(event("gone", domain=domain, during=during))
         self.host_view.forget(domain)
+        self.emulators.forget(domain)
         for ref in refs:
             del self.original[ref]
             self.changed.pop(ref, None)
@@ -143,6 +159,16 @@ class Agent:
             applied.append(move)
             log.info(_move_line(move, node=self.host_view.node_change(move)))
         return applied
+
+    def _follow_emulators(self, sample: HostSample, moves: list[Move]) -> None:
+        pins = {ref: counters.affinity for ref, counters in sample.vcpus.items()}
+        pins.update((m.ref, frozenset((m.dst,))) for m in moves)
+        allowed = policy.allowed_pcpus(self.config, self.host_view.usable(self.config))
+        refused = self.emulators.follow(
+            self.host, pins, self.host_view.topology, allowed, self.excluded, self.config.dry_run
+        )
+        if refused:
+            self.failures["emulator"] = self.failures.get("emulator", 0) + refused
 
     def _log_dry_run(self, moves: list[Move]) -> None:
         # The host does not change in a dry run, so every cycle plans the same moves again;
@@ -189,6 +215,8 @@ class Agent:
                 continue
             log.info(event("restore", domain=ref.domain, vcpu=ref.vcpu, to=format_cpus(pcpus)))
         self.changed.clear()
+        if refused := self.emulators.restore(self.host):
+            self.failures["restore"] = self.failures.get("restore", 0) + refused
 
 
 def _move_line(move: Move, dry_run: bool = False, node: str | None = None) -> str:
@@ -303,6 +331,8 @@ class Runner:
         self._reload_started = 0.0
         self._started = False
         self._no_pcpus = False
+        # When the last sample was asked for: the next one comes one interval later.
+        self._sampled = time.monotonic()
         self._watchdog = notify.watchdog_period()
         self._pinged = 0.0
         self.counts = state.Counts()
@@ -326,6 +356,7 @@ class Runner:
         libvirt or a `cpus` set that selects no online pCPU, rather than a log line later.
         """
         self._log_start()
+        self._sampled = time.monotonic()
         try:
             self.agent.step()
         except HostError as exc:
@@ -384,8 +415,13 @@ class Runner:
             while self.signals.stop_signal is None:
                 self._ping(force=True)
                 if self.signals.reload:
+                    # The verdict is given at once; the new config plans from the next regular
+                    # tick, on a full window, never on a sample taken straight after the last.
                     self.signals.reload = False
+                    interval = self.config.interval
                     self.reload()
+                    if self.config.interval != interval:
+                        next_tick = self._sampled + self._delay()
                 elif next_tick <= time.monotonic():
                     if self._cycle():
                         cycles += 1
@@ -425,7 +461,7 @@ class Runner:
         return min(backoff, 2 * self.config.interval)
 
     def _cycle(self) -> bool:
-        started = time.monotonic()
+        started = self._sampled = time.monotonic()
         self._pinned = {}
         try:
             applied = self.agent.step()
@@ -602,6 +638,7 @@ class Runner:
                 self.host = self.host_factory(new.uri)
                 agent = Agent(self.host, new)
                 agent.original, agent.changed = self.agent.original, self.agent.changed
+                agent.emulators.original = self.agent.emulators.original
                 self.agent = agent
             else:
                 self.agent.reconfigure(new)

@@ -23,6 +23,7 @@ from typing import Any
 
 from vcpusched.logs import quote
 from vcpusched.model import HostSample, Snapshot, VcpuRef, format_cpus
+from vcpusched.topology import parse_cpulist
 
 # Bumped when a field changes meaning, so that `status` never misreads another version's file.
 FORMAT = 1
@@ -43,6 +44,10 @@ class PcpuState:
     util: float  # % busy over the last interval, from the host's counters
     demand: float  # the policy's estimate, % of one pCPU (may pass 100)
     allowed: bool  # within `cpus`: vCPUs may be pinned here
+    # Its NUMA node and its core's hardware threads ("0,16"), as libvirt's topology says;
+    # None where it does not.
+    node: int | None = None
+    core: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,24 @@ class VcpuState:
     received: float | None  # % of one pCPU over the last interval; None before two samples
     demand: float | None
     wait_seconds: float | None  # cumulative time it waited for a pCPU, from the host
+    excluded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OffHome:
+    vcpu: int
+    pcpu: int
+    node: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainHome:
+    """A domain's home node, where most of its pinned vCPUs run (the lowest on a tie), and
+    its vCPUs pinned elsewhere."""
+
+    domain: str
+    node: int
+    off: tuple[OffHome, ...]
     excluded: bool
 
 
@@ -143,11 +166,35 @@ class LiveState:
         excluded = {v.domain for v in self.vcpus if v.excluded}
         return len(managed), len(excluded)
 
+    def homes(self) -> tuple[DomainHome, ...]:
+        """Each domain with a vCPU pinned to a pCPU of known node, by name."""
+        node_of = {p.pcpu: p.node for p in self.pcpus if p.node is not None}
+        placed: dict[str, list[tuple[VcpuState, int]]] = {}
+        excluded: dict[str, bool] = {}
+        for v in self.vcpus:
+            excluded[v.domain] = v.excluded
+            if v.pcpu is not None and v.pcpu in node_of:
+                placed.setdefault(v.domain, []).append((v, node_of[v.pcpu]))
+        homes = []
+        for domain, vcpus in sorted(placed.items()):
+            counts: dict[int, int] = {}
+            for _, node in vcpus:
+                counts[node] = counts.get(node, 0) + 1
+            home = min(counts, key=lambda n: (-counts[n], n))
+            off = tuple(
+                OffHome(v.vcpu, v.pcpu, node)
+                for v, node in vcpus
+                if node != home and v.pcpu is not None
+            )
+            homes.append(DomainHome(domain, home, off, excluded[domain]))
+        return tuple(homes)
+
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["sd"] = self.sd
         managed, excluded = self.domains()
         out["domains"] = {"managed": managed, "excluded": excluded}
+        out["homes"] = [asdict(h) for h in self.homes()]
         return out
 
     @classmethod
@@ -198,12 +245,15 @@ def measured(
         return (), ()
     loads = {} if snapshot is None else {v.ref: v for v in snapshot.vcpus}
     util = {} if snapshot is None else dict(snapshot.util)
+    topology = sample.topology
     pcpus = tuple(
         PcpuState(
             pcpu=p,
             util=round(util[p], 2),
             demand=round(pcpu_demand.get(p, util[p]), 2),
             allowed=p in allowed,
+            node=topology.node_of(p),
+            core=format_cpus(topology.siblings_of(p)) if p in topology.cpus else None,
         )
         for p in sorted(sample.pcpu_busy_ns)
         if p in util
@@ -340,16 +390,35 @@ def render(state: LiveState) -> str:
         by_pcpu.setdefault(vcpu.pcpu, []).append(vcpu)
     lines = [f"{'pcpu':>4} {'util%':>6} {'demand%':>8}  vcpus (domain/vcpu received%)"]
     known = set()
-    for p in state.pcpus:
-        known.add(p.pcpu)
-        mark = "" if p.allowed else " (not in cpus)"
-        members = " ".join(_vcpu_text(v) for v in by_pcpu.get(p.pcpu, []))
-        lines.append(f"{p.pcpu:>4} {p.util:>6.1f} {p.demand:>8.1f}  {members or '-'}{mark}")
+    topology = any(p.node is not None for p in state.pcpus)
+    for node, group in _by_node_and_core(state.pcpus):
+        if topology:  # a host that gives no topology shows its pCPUs as they come
+            cpus = format_cpus(frozenset(p.pcpu for p in group))
+            lines.append(f"node {'?' if node is None else node}: pcpus {cpus}")
+        core = None
+        for p in group:
+            known.add(p.pcpu)
+            mark = "" if p.allowed else " (not in cpus)"
+            if p.core is not None and p.core != str(p.pcpu) and p.core != core:
+                # The threads of one core are listed together: say which, once per core.
+                lines.append(f"  core {p.core}")
+            core = p.core
+            members = " ".join(_vcpu_text(v) for v in by_pcpu.get(p.pcpu, []))
+            lines.append(f"{p.pcpu:>4} {p.util:>6.1f} {p.demand:>8.1f}  {members or '-'}{mark}")
     floating = [v for v in state.vcpus if v.pcpu is None or v.pcpu not in known]
     if floating:
         lines.append("unpinned: " + " ".join(_vcpu_text(v) for v in floating))
     if any(v.excluded for v in state.vcpus):
         lines.append("* excluded: never re-pinned, load still counted")
+    homes = state.homes()
+    if topology and homes:
+        lines.append("home nodes (where most of a domain's vCPUs run):")
+        for home in homes:
+            off = " ".join(f"{o.vcpu}@{o.pcpu}(node {o.node})" for o in home.off)
+            star = "*" if home.excluded else ""
+            lines.append(
+                f"  {quote(home.domain)}{star} node {home.node}" + (f"  off: {off}" if off else "")
+            )
     allowed = [p for p in state.pcpus if p.allowed]
     if allowed:
         mean = statistics.fmean(p.util for p in allowed)
@@ -374,6 +443,23 @@ def render(state: LiveState) -> str:
             lines.append(f"held back: {held}")
         lines.append(f"status: {summary(state)}")
     return "\n".join(lines)
+
+
+def _by_node_and_core(
+    pcpus: Sequence[PcpuState],
+) -> list[tuple[int | None, list[PcpuState]]]:
+    """The pCPUs by node (unknown last), and within a node each core's threads together, in
+    the order of each core's first thread."""
+    nodes: dict[int | None, list[PcpuState]] = {}
+    for p in pcpus:
+        nodes.setdefault(p.node, []).append(p)
+
+    def core_key(p: PcpuState) -> tuple[int, int]:
+        first = min(parse_cpulist(p.core), default=p.pcpu) if p.core else p.pcpu
+        return first, p.pcpu
+
+    order = sorted(nodes, key=lambda n: (n is None, n or 0))
+    return [(n, sorted(nodes[n], key=core_key)) for n in order]
 
 
 def _vcpu_text(vcpu: VcpuState) -> str:

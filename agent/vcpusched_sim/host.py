@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vcpusched.host import DomainGone, PinError
+from vcpusched.host import DomainGone, PinError, ThreadPins
 from vcpusched.model import HostSample, VcpuCounters, VcpuRef
 from vcpusched.topology import Topology
 
@@ -262,6 +262,8 @@ class SimHost:
         self.now = clock
         self.origin = clock
         self.pin_calls = 0
+        # Emulator threads pinned by the agent (`pin_emulator: node`); the others run anywhere.
+        self.emulator: dict[str, frozenset[int]] = {}
         self.pin_changes = 0
         self.last = TickStats()
         self._busy_ns = {p: 0.0 for p in self.pcpus}
@@ -306,6 +308,18 @@ class SimHost:
             self._check_laminar([*others, pcpus])
         vcpu.affinity = pcpus
         self.pin_changes += 1
+
+    def thread_pins(self, domain: str) -> ThreadPins:
+        """The emulator thread's affinity (every pCPU until pinned); no iothreads."""
+        if domain not in self.domains or not self._running(domain):
+            raise DomainGone(domain)
+        return ThreadPins(self.emulator.get(domain, frozenset(self.pcpus)))
+
+    def pin_threads(self, domain: str, pins: ThreadPins) -> None:
+        if domain not in self.domains or not self._running(domain):
+            raise DomainGone(domain)
+        self._check_affinity(pins.emulator)
+        self.emulator[domain] = frozenset(pins.emulator)
 
     def close(self) -> None:
         """Nothing to release; present so the simulator is a complete Host."""

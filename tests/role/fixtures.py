@@ -50,6 +50,7 @@ def config_document(variables: dict[str, Any]) -> dict[str, Any]:
         "pidfile": merged["vcpusched_pidfile"],
         "dry_run": merged["vcpusched_dry_run"],
         "restore_on_exit": merged["vcpusched_restore_on_exit"],
+        "pin_emulator": merged["vcpusched_pin_emulator"],
         "log_level": merged["vcpusched_log_level"],
         "syslog_facility": merged["vcpusched_syslog_facility"],
         "metrics": {

@@ -49,6 +49,7 @@ BASE: dict[str, Any] = {
     "vcpusched_cpus": "0",
     "vcpusched_dry_run": True,
     "vcpusched_restore_on_exit": True,
+    "vcpusched_pin_emulator": "node",
     "vcpusched_syslog_facility": "local3",
 }
 CONFIG = "/etc/vcpusched.yaml"
