@@ -4,7 +4,7 @@ A reading of a vCPU that idled is exact: it got all it wanted, so its demand is 
 received. A reading of a vCPU that is `short` of time (it never idled) is a bound: it wanted at
 least what it received and at most all the time it was runnable. So the estimator remembers
 exact readings, and reads a bound as the largest remembered exact value that the bound allows
-(the demand seen when it last had room), or as the middle of the bound when none does.
+(the demand seen when it last had room), or as its top, marked a guess, when none does.
 
 A vCPU is then known by its series of estimated demands over the last WINDOW intervals, the
 same intervals for every vCPU, so that a placement can be judged interval by interval: two
@@ -176,9 +176,8 @@ def _jumps(before: list[float], after: list[float]) -> bool:
 
 
 def _read_bound(received: float, demand: float, known: Iterable[float]) -> float:
-    """A short reading's demand: the largest exact reading it allows, else the middle of what
-    it allows (all the readings say is that it lies between what it received and all the time
-    it was runnable; taking the top of that sent guests that wanted 40 onto pCPUs as if they
-    wanted a whole one)."""
+    """A short reading's demand: the largest exact reading it allows, else its top, all the
+    time it was runnable. That top is a guess: the policy never lets it crowd out a vCPU whose
+    demand is known, and a pCPU that takes one takes nothing more until its next reading."""
     inside = [k for k in known if received - SHORT <= k <= demand]
     return max(inside) if inside else demand

@@ -3,13 +3,13 @@
 The objective. Under the kernel's max-min fair sharing, a placement predicts for every vCPU
 the share of its demand it would receive. A placement is better when, interval by interval
 over the window of joint readings (`estimate`), it lowers
-  - the *shortfall*, sum over vCPUs of (demand - received)^2 / demand, which is zero when every
-    vCPU gets what it wants and otherwise weighs most the worst-off ones, and never lowers the
-    worst-off vCPU's share (a move that would is refused), then
+  - the *shortfall*, sum over vCPUs of m + m^2 / demand with m = demand - received, which is
+    zero when every vCPU gets what it wants and otherwise weighs most the worst-off ones, then
   - the *spread* of pCPU demand, counted up to a pCPU's capacity: beyond it the shortfall tells.
 A step (a move, a swap, or an exchange of a few vCPUs between two pCPUs) is taken when its
 mean gain over the window, less its uncertainty (how much the gain varies across the window,
-and a prior while few readings are in), is at least `min_gain` per pin it changes.
+and a prior while few readings are in), is at least `min_gain` per pin it changes, and it does
+not lower the worst-off vCPU's share on the pCPUs it changes (worst-off first).
 
 So moving a vCPU off a pCPU where five share the time onto one that holds one is a gain, and
 moving work onto a full pCPU where it would only move the waiting is not. Two vCPUs that burst
@@ -347,7 +347,8 @@ class _Verdict:
         return self.gain - self.uncertainty - min_gain * self.pins
 
     def taken(self, min_gain: float) -> bool:
-        return self.net(min_gain) >= -1e-9
+        # Worst-off first: less shortfall in all does not pay for a worse-off vCPU.
+        return self.net(min_gain) >= -1e-9 and self.worst >= -1e-6
 
 
 def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) -> _Verdict:
