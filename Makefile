@@ -8,12 +8,13 @@ APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 # host's libvirt and libsystemd).
 AGENT_DEBS := libvirt-dev libsystemd-dev libvirt-clients pkg-config gcc python3-dev python3-venv
 
-.PHONY: help deps venv lint unit lab-setup role-setup test demo bench clean
+.PHONY: help deps venv lint unit lab-setup role-setup test demo bench bench-topology clean
 
 help:
 	@echo "make demo    set up the local libvirt lab and watch the agent balance real guests"
 	@echo "make test    set everything up, then lint, type-check and run every test"
 	@echo "make bench   run the simulator benchmark and rewrite docs/benchmark.md"
+	@echo "make bench-topology  the same on hosts with NUMA nodes and SMT threads"
 
 deps:
 	@missing=$$(for p in $(AGENT_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -51,6 +52,10 @@ demo: venv lab-setup
 
 bench: venv
 	$(BIN)/vcpusched bench
+
+# Hosts with NUMA nodes and sibling threads; rewrites docs/benchmark-topology.md (about 10 s).
+bench-topology: venv
+	$(BIN)/python -m vcpusched_sim.topo_bench --docs docs
 
 clean:
 	rm -rf $(VENV) .lab .pytest_cache .mypy_cache .ruff_cache

@@ -706,7 +706,8 @@ The agent's own cycle (`vcpusched.service.Agent`, thresholds {low:g}/{target:g}/
 `min_gain` {min_gain:g}) runs against a simulated host (`vcpusched_sim.host`), so the scheduler
 can be judged at scales no test machine can host as real guests. Each scenario runs once per
 policy on its own simulated host with the same seed: every policy sees the same demands and the
-same noise.
+same noise. Hosts with NUMA nodes and SMT threads have their own benchmark, judged on work
+done rather than CPU time: `make bench-topology`, [benchmark-topology.md](benchmark-topology.md).
 
 ## Running it
 
