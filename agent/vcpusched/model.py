@@ -78,6 +78,10 @@ class Snapshot:
 
     util: Mapping[int, float]
     vcpus: tuple[Vcpu, ...]
+    # The host's topology and each domain's memory placement, as sampled (none known by
+    # default: a flat host).
+    topology: Topology = field(default_factory=Topology)
+    memory: Mapping[str, MemoryPlacement] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vcpusched import capacity
 from vcpusched.config import Config
 from vcpusched.estimate import Estimate, Estimator
 from vcpusched.model import Move, Plan, Snapshot, Vcpu, VcpuRef
@@ -95,7 +96,9 @@ class Balancer:
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         estimates = self._estimator.update(snapshot)
-        return decide(snapshot, estimates, self.config, online)
+        if capacity.flat(snapshot.topology):
+            return decide(snapshot, estimates, self.config, online)
+        return capacity.plan_by_node(snapshot, estimates, self.config, online, decide)
 
     def applied(self, moves: Sequence[Move]) -> None:
         """What was really pinned. A demand does not depend on where it was read, so the

@@ -60,7 +60,9 @@ def snapshot(
             )
         )
     vcpus.sort(key=lambda v: v.ref)
-    return Snapshot(util=util, vcpus=tuple(vcpus))
+    return Snapshot(
+        util=util, vcpus=tuple(vcpus), topology=after.topology, memory=after.memory
+    )
 
 
 def _demand(received: float, wait: float) -> float:
