@@ -88,15 +88,15 @@ def thread_order(topology: Topology, cpus: Iterable[int]) -> list[int]:
 def threads_to_use(
     topology: Topology,
     cpus: Iterable[int],
-    demand: float,
-    busy: int,
+    demands: Sequence[float],
     occupied: Iterable[int],
     target: float,
     low: float,
 ) -> list[int]:
-    """The threads a node's vCPUs are planned on: the first thread of every core, then as
-    many second threads as the node needs, for its `busy` vCPUs (more than half a pCPU each:
-    no two fit one thread) and for its demand at `target`% a thread. Second threads in use
+    """The threads a node's vCPUs (of these mean `demands`) are planned on: the first thread
+    of every core, then as many second threads as the node needs: one thread for each busy
+    vCPU (more than half a pCPU: no two fit one thread), and the others' demand at `target`%
+    a thread. Second threads in use
     (`occupied`) are kept while the demand needs them at `low`%, so a demand near the line
     does not toggle, but never while a first thread stands idle."""
     order = thread_order(topology, cpus)
@@ -104,8 +104,11 @@ def threads_to_use(
     seconds = order[len(first) :]
     taken = frozenset(occupied)
 
+    busy = sum(1 for d in demands if d > CORE / 2)
+    rest = sum(d for d in demands if d <= CORE / 2)
+
     def need(level: float) -> int:
-        threads = max(busy, math.ceil(demand / (level / 100.0 * CORE) - 1e-9))
+        threads = busy + math.ceil(rest / (level / 100.0 * CORE) - 1e-9)
         return min(max(threads - len(first), 0), len(seconds))
 
     in_use = [c for c in seconds if c in taken]
@@ -321,9 +324,9 @@ def plan_by_node(
         members = [
             v for v in snapshot.vcpus if assigned.get(v.ref) == n or (v.excluded and v.pcpu in cpus)
         ]
-        busy = sum(1 for v in members if not v.excluded and _mean(v, estimates) > CORE / 2)
+        demands = [_mean(v, estimates) for v in members if not v.excluded]
         occupied = {v.pcpu for v in members if v.pcpu is not None}
-        use = threads_to_use(topo, node_cpus[n], load[n], busy, occupied, config.target, config.low)
+        use = threads_to_use(topo, node_cpus[n], demands, occupied, config.target, config.low)
         plan = _plan_node(
             snapshot, estimates, config, online, decide, cpus, use, members, assigned, n
         )
