@@ -60,9 +60,7 @@ def snapshot(
             )
         )
     vcpus.sort(key=lambda v: v.ref)
-    return Snapshot(
-        util=util, vcpus=tuple(vcpus), topology=after.topology, memory=after.memory
-    )
+    return Snapshot(util=util, vcpus=tuple(vcpus), topology=after.topology, memory=after.memory)
 
 
 def _demand(received: float, wait: float) -> float:

@@ -44,7 +44,9 @@ def strict(nodes: str) -> MemoryPlacement:
     )
 
 
-def on(topology: Topology, vcpus: list[Vcpu], memory: dict[str, MemoryPlacement] | None = None):
+def on(
+    topology: Topology, vcpus: list[Vcpu], memory: dict[str, MemoryPlacement] | None = None
+) -> Snapshot:
     snap = snapshot(vcpus, len(topology.cpus))
     return replace(snap, topology=topology, memory=memory or {})
 
@@ -149,9 +151,8 @@ def test_an_overloaded_node_sheds_a_whole_free_domain_and_keeps_strict_ones() ->
     assert {node[VcpuRef(d, 0)] for d in ("vm2", "vm3")} & {1}
     # What moved across nodes moved as whole domains.
     crossed = {m.ref.domain for m in plan.moves if m.reason == "node"}
-    assert crossed and all(
-        {m.ref.vcpu for m in plan.moves if m.ref.domain == d} == {0, 1} for d in crossed
-    )
+    assert crossed
+    assert all({m.ref.vcpu for m in plan.moves if m.ref.domain == d} == {0, 1} for d in crossed)
 
 
 def test_a_node_with_room_keeps_its_domains() -> None:
@@ -214,7 +215,8 @@ def test_one_domains_vcpus_share_a_core_only_when_they_must() -> None:
     snap = on(T_SPLIT, vcpus)
     plan = steady_plan(snap)
     cores = [T_SPLIT.siblings_of(m.dst) for m in plan.moves]
-    assert len(cores) == 4 and len(set(cores)) == 4
+    assert len(cores) == 4
+    assert len(set(cores)) == 4
 
 
 def test_more_busy_vcpus_than_cores_use_second_threads() -> None:
