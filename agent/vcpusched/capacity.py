@@ -73,16 +73,24 @@ def primary_threads(topology: Topology, cpus: Iterable[int]) -> list[int]:
 
 def thread_order(topology: Topology, cpus: Iterable[int]) -> list[int]:
     """`cpus` with one thread of every core first, then the second threads, and so on, so that
-    what fills the least loaded CPUs in order fills idle cores before it shares one."""
+    what fills the least loaded CPUs in order fills idle cores before it shares one; cores in
+    order of their last-level cache group."""
     usable = frozenset(cpus)
     layers: list[list[int]] = []
-    for core in topology.cores:
+    # Cores grouped by last-level cache: what fills CPUs in order fills one cache group
+    # before the next, so a domain placed together stays in one group (a tie-breaker).
+    for core in sorted(topology.cores, key=lambda c: (_group_key(topology, c), min(c))):
         for i, cpu in enumerate(sorted(core & usable)):
             if len(layers) <= i:
                 layers.append([])
             layers[i].append(cpu)
     unknown = sorted(usable - frozenset(topology.cpus))
     return [*(layers[0] if layers else []), *unknown, *(c for layer in layers[1:] for c in layer)]
+
+
+def _group_key(topology: Topology, core: frozenset[int]) -> int:
+    group = topology.cache_group_of(min(core))
+    return min(core) if group is None else min(group)
 
 
 def threads_to_use(
@@ -117,7 +125,7 @@ def threads_to_use(
     else:
         count = need(target)
     chosen = frozenset((in_use + [c for c in seconds if c not in taken])[:count])
-    return [*first, *(c for c in seconds if c in chosen)]
+    return [*order[: len(first)], *(c for c in seconds if c in chosen)]
 
 
 @dataclass(frozen=True, slots=True)

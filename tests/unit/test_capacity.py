@@ -229,6 +229,22 @@ def test_more_busy_vcpus_than_cores_use_second_threads() -> None:
     assert len({T.siblings_of(p) for p in dsts}) == 4
 
 
+def test_a_domain_is_placed_within_one_cache_group_when_it_fits() -> None:
+    # Node 0's cores (0,1) and (4,5) share one L3, (2,3) and (6,7) another: not by number.
+    banks = (
+        CacheBank(3, 0, frozenset({0, 1, 4, 5}), 1 << 24),
+        CacheBank(3, 1, frozenset({2, 3, 6, 7}), 1 << 24),
+        CacheBank(3, 2, frozenset(range(8, 16)), 1 << 25),
+    )
+    topology = replace(T, caches=banks)
+    vcpus = [vcpu("a", 90, None, index=i, pcpus=16) for i in range(2)]
+    plan = steady_plan(on(topology, vcpus, {"a": strict("0")}))
+    dsts = [m.dst for m in plan.moves]
+    assert len(dsts) == 2
+    assert len({topology.siblings_of(p) for p in dsts}) == 2
+    assert len({topology.cache_group_of(p) for p in dsts}) == 1
+
+
 def test_node_capacity_counts_a_pair_of_threads_at_smt_pair_capacity() -> None:
     assert node_capacity(T, T.nodes[0], 1.25) == pytest.approx(500)
     assert node_capacity(T, T.nodes[0], 1.5) == pytest.approx(600)
