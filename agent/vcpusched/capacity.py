@@ -339,8 +339,12 @@ def plan_by_node(
             snapshot, estimates, config, online, decide, cpus, use, members, assigned, n
         )
         for m in plan.moves:
-            crossed = len(m.src) == 1 and node_of.get(next(iter(m.src))) != n
-            moves.append(replace(m, reason="node") if crossed else m)
+            src = next(iter(m.src)) if len(m.src) == 1 else None
+            if src is not None and node_of.get(src) != n:
+                m = replace(m, reason="node")
+            elif src is not None and m.reason == "outside-cpus":
+                m = replace(m, reason="core")  # off a second thread the node no longer uses
+            moves.append(m)
         held.update(plan.held)
         demand.update(plan.pcpu_demand)
     return Plan(moves=tuple(moves), held=dict(held), pcpu_demand=demand)

@@ -7,19 +7,22 @@ generator and read by the agent's parser, as libvirt's would be.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 
+import libvirt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.snapshots import snapshot, vcpu
 from tests.unit.test_policy import hosts
-from vcpusched import capacity
+from vcpusched import capacity, stats
 from vcpusched.capacity import DomainLoad, home_nodes, node_capacity, threads_to_use
 from vcpusched.config import Config
 from vcpusched.estimate import Estimator
+from vcpusched.libvirt_host import LibvirtHost
 from vcpusched.model import Move, Plan, Snapshot, Vcpu, VcpuRef
 from vcpusched.policy import Balancer, decide
 from vcpusched.topology import (
@@ -288,3 +291,58 @@ def test_config_key_reaches_the_capacity() -> None:
     high = steady_plan(snap, replace(CFG, smt_pair_capacity=2.0))
     assert any(m.reason == "node" for m in low.moves)
     assert not any(m.reason == "node" for m in high.moves)
+
+
+# -- through the real libvirt module, on libvirt's test driver ------------------------------
+
+NUMA_GUEST = """<domain type='test'>
+  <name>{name}</name><memory unit='MiB'>256</memory>
+  <vcpu placement='static'>2</vcpu>
+  {numatune}
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>"""
+
+
+def test_two_node_test_driver_host_plans_by_node_through_the_libvirt_module() -> None:
+    """`test:///default` is a host of two cells of 8 CPUs (0, 2 and 4 online, all in cell 0),
+    shared by every connection of this process: guests started on one are seen by the agent's
+    own libvirt module. What it samples is planned node by node (not the flat path), and
+    every pin lands, through libvirt, on the strict guest's node."""
+    conn = libvirt.open("test:///default")
+    names = ("numa-strict", "numa-free")
+    try:
+        conn.createXML(
+            NUMA_GUEST.format(
+                name=names[0], numatune="<numatune><memory mode='strict' nodeset='0'/></numatune>"
+            )
+        )
+        conn.createXML(NUMA_GUEST.format(name=names[1], numatune=""))
+        host = LibvirtHost("test:///default")
+        balancer = Balancer(CFG)
+        before = host.sample()
+        assert before.memory[names[0]].nodes_for(0) == {0}
+        assert before.topology.multi_node
+        assert not capacity.flat(before.topology)
+        for _ in range(8):
+            after = host.sample()
+            snap = stats.snapshot(before, after)
+            assert snap is not None
+            assert snap.topology == after.topology
+            plan = balancer.plan(snap, frozenset(after.pcpu_busy_ns))
+            for m in plan.moves:
+                host.pin(m.ref, frozenset((m.dst,)))
+            balancer.applied(plan.moves)
+            before = after
+        final = host.sample()
+        host.close()
+        node0 = final.topology.nodes[0]
+        ours = {r: c for r, c in final.vcpus.items() if r.domain in names}
+        assert len(ours) == 4
+        for ref, counters in ours.items():
+            assert len(counters.affinity) == 1, ref
+            assert counters.affinity <= node0, ref
+    finally:
+        for name in names:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).destroy()
+        conn.close()
