@@ -272,15 +272,16 @@ def plan_by_node(
     pair = config.smt_pair_capacity
     cap = {n: node_capacity(topo, cpus, pair) for n, cpus in node_cpus.items()}
     sizes = {n: len(cpus) for n, cpus in node_cpus.items()}
-    node_of = {c: n for n, cpus in node_cpus.items() for c in cpus}
     by_domain: dict[str, list[Vcpu]] = defaultdict(list)
     for v in snapshot.vcpus:
         if not v.excluded:
             by_domain[v.ref.domain].append(v)
 
     def running_on(v: Vcpu) -> int | None:
-        nodes = {node_of.get(c) for c in v.affinity}
-        return nodes.pop() if len(nodes) == 1 else None
+        # Where it runs now, even on a CPU it may no longer use (outside `cpus`).
+        nodes = {topo.node_of(c) for c in v.affinity}
+        node = nodes.pop() if len(nodes) == 1 else None
+        return node if node in node_cpus else None
 
     loads = []
     for name, vcpus in sorted(by_domain.items()):
@@ -340,9 +341,9 @@ def plan_by_node(
         )
         for m in plan.moves:
             src = next(iter(m.src)) if len(m.src) == 1 else None
-            if src is not None and node_of.get(src) != n:
+            if src is not None and topo.node_of(src) not in (n, None):
                 m = replace(m, reason="node")
-            elif src is not None and m.reason == "outside-cpus":
+            elif src in node_cpus[n] and m.reason == "outside-cpus":
                 m = replace(m, reason="core")  # off a second thread the node no longer uses
             moves.append(m)
         held.update(plan.held)

@@ -346,3 +346,15 @@ def test_two_node_test_driver_host_plans_by_node_through_the_libvirt_module() ->
             with contextlib.suppress(libvirt.libvirtError):
                 conn.lookupByName(name).destroy()
         conn.close()
+
+
+def test_reasons_say_node_core_or_outside_cpus() -> None:
+    cfg = replace(CFG, cpus=frozenset(range(16)) - {3})
+    vcpus = [
+        vcpu("a", 90, 1, pcpus=16),  # a second thread beside an idle first one: core
+        vcpu("b", 90, 3, pcpus=16),  # outside `cpus`: outside-cpus
+        vcpu("c", 90, 9, pcpus=16),  # node 1, bound to node 0: node
+    ]
+    plan = steady_plan(on(T, vcpus, {"c": strict("0")}), cfg)
+    reasons = {m.ref.domain: m.reason for m in plan.moves}
+    assert reasons == {"a": "core", "b": "outside-cpus", "c": "node"}
