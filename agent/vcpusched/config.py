@@ -65,6 +65,8 @@ class Config:
     target: float = 80.0
     low: float = 70.0
     min_gain: float = 5.0
+    # What a core delivers, in cores, when two of its threads are busy (see capacity.py).
+    smt_pair_capacity: float = 1.25
     exclude: tuple[str, ...] = ()
     cpus: frozenset[int] | None = None
     uri: str = "qemu:///system"
@@ -86,6 +88,7 @@ class Config:
             "interval": self.interval,
             "thresholds": {"high": self.high, "target": self.target, "low": self.low},
             "min_gain": self.min_gain,
+            "smt_pair_capacity": self.smt_pair_capacity,
             "exclude": list(self.exclude),
             "cpus": None if self.cpus is None else format_cpus(self.cpus),
             "uri": self.uri,
@@ -383,6 +386,7 @@ CONFIG_SCHEMA = vol.Schema(
         vol.Optional("interval", default=_DEFAULT.interval): _number(0.1, 3600),
         vol.Optional("thresholds", default={}): _section(THRESHOLDS_SCHEMA, "high, target and low"),
         vol.Optional("min_gain", default=_DEFAULT.min_gain): _number(0, 100),
+        vol.Optional("smt_pair_capacity", default=_DEFAULT.smt_pair_capacity): _number(1, 2),
         vol.Optional("exclude", default=[]): _patterns,
         vol.Optional("cpus", default=None): _cpus,
         vol.Optional("uri", default=_DEFAULT.uri): _text,
@@ -449,6 +453,7 @@ def validate(document: Any, source: str = "<config>") -> Config:
         target=target,
         low=low,
         min_gain=data["min_gain"],
+        smt_pair_capacity=data["smt_pair_capacity"],
         exclude=data["exclude"],
         cpus=data["cpus"],
         uri=data["uri"],

@@ -15,13 +15,6 @@ from typing import NamedTuple
 from vcpusched.topology import MemoryPlacement, Topology
 from vcpusched.topology import format_cpus as format_cpus  # one formatter, re-exported
 
-# A pCPU this busy (percent) has no time to spare: moving work onto it cannot raise anyone's
-# share, only move the waiting there. (Guests adding up to 90% read 97% busy on the lab, with
-# QEMU's own overhead, so the bar sits above that.)
-SATURATED = 99.0
-# Demand above received load by more than this (points): the vCPU was short of time.
-SHORT = 1.0
-
 
 class VcpuRef(NamedTuple):
     domain: str
@@ -70,15 +63,6 @@ class Vcpu:
     demand: float
     affinity: frozenset[int]
     excluded: bool = False
-    # Standard deviation of `demand` from one interval to the next, where it is known.
-    noise: float = 0.0
-    # Floating, and its demand not yet measured over enough intervals to place it by.
-    settling: bool = False
-    # pCPUs it was moved off in the last few cycles: the policy does not move it back there yet.
-    left: frozenset[int] = frozenset()
-    # Those of `left` that were full when it left: that move was made on readings that were
-    # bounds, and may be corrected once the readings are not.
-    left_full: frozenset[int] = frozenset()
 
     @property
     def pcpu(self) -> int | None:
@@ -94,8 +78,10 @@ class Snapshot:
 
     util: Mapping[int, float]
     vcpus: tuple[Vcpu, ...]
-    # Standard deviation of a pCPU's demand beyond its vCPUs' own noise, where it is known.
-    pcpu_noise: Mapping[int, float] = field(default_factory=dict)
+    # The host's topology and each domain's memory placement, as sampled (none known by
+    # default: a flat host).
+    topology: Topology = field(default_factory=Topology)
+    memory: Mapping[str, MemoryPlacement] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,263 +1,108 @@
-"""The balancing policy: a pure function from a snapshot of loads and pins to a list of moves.
+"""The balancing policy: one objective, and the search for placements that serve it.
 
-How a plan is made, in three passes over an estimate of each pCPU's load:
+The objective. Under the kernel's max-min fair sharing, a placement predicts for every vCPU
+the share of its demand it would receive. A placement is better when, interval by interval
+over the window of joint readings (`estimate`), it lowers
+  - the *shortfall*, sum over vCPUs of m + m^2 / demand with m = demand - received, which is
+    zero when every vCPU gets what it wants and otherwise weighs most the worst-off ones, then
+  - the *spread* of pCPU demand, counted up to a pCPU's capacity: beyond it the shortfall tells.
+A step (a move, a swap, or an exchange of a few vCPUs between two pCPUs) is taken when its
+mean gain over the window, less its uncertainty (how much the gain varies across the window,
+and a prior while few readings are in), is at least `min_gain` per pin it changes, and it does
+not lower the worst-off vCPU's share on the pCPUs it changes (worst-off first).
 
-1. **Place.** A movable vCPU that may run on several pCPUs (or is pinned outside `cpus`) is
-   pinned once, heaviest first, onto the allowed pCPU with the least load, then the fewest of
-   its domain's vCPUs, then the fewest vCPUs. With equal loads that spreads vCPUs evenly; with
-   unequal ones it is the classic longest-processing-time partition. Floating vCPUs wait
-   while any of them is still `settling` (see `stats.Smoother`): a placement is one partition.
-2. **Relieve (the thresholds).** While a *high* pCPU (load above `high`, more than one vCPU)
-   and a *low* one (below `low`) remain, move from the high one the vCPU that brings the low
-   one closest to `target`. Among those, a vCPU that leaves the high pCPU at least as loaded
-   as the low one comes first: the seed's rule alone would take 30 off 95 to lift 50 to 80,
-   leaving 65 beside 80, where moving 20 gives 75 beside 70 in the same single move (and
-   spares the swap that the refine pass would then need).
-3. **Refine.** Thresholds alone strand imbalance: 89% beside 71% is neither high nor low. So,
-   from the most loaded pCPU down, a vCPU is moved (or two are swapped) between two pCPUs when
-   that narrows the gap between them by at least `min_gain` points.
+So moving a vCPU off a pCPU where five share the time onto one that holds one is a gain, and
+moving work onto a full pCPU where it would only move the waiting is not. Two vCPUs that burst
+in turn add up to a steady pCPU; a placement that looks better in some intervals and worse in
+others gains less than its uncertainty and is left alone.
 
-Every move in passes 2 and 3 must narrow the gap between its two pCPUs by at least `min_gain`,
-so each lowers the sum of squared pCPU loads by at least min_gain²/2: with steady loads the
-passes end, and the plan of the next cycle is empty. Noise needs more than that. Where two
-placements are about equally good, an error e on the measured gap makes one look better by 2e,
-so a refining move must also clear NOISE_SIGMAS standard deviations of that gap, estimated
-from how much each vCPU's demand moves from one interval to the next (the caller's
-`stats.Smoother` both steadies the loads and estimates this). On the benchmark's ±5% noise the
-first version of this pass, with min_gain alone, made 20 to 71 pin changes in 300 cycles after
-converging; with the margin it makes none, and still converges within one cycle of a real
-change, because a change larger than the noise resets the smoothing at once. Upper bounds
-need more still: vCPUs that share a full pCPU never idle and all read as wanting a whole one,
-so whichever of an equal pair moves on shows its real demand while the other still reads 100,
-and the next plan would swap them back. So within COOLDOWN cycles a vCPU returns to a pCPU it
-left only to correct a move made on such bounds, and then only on readings that are not
-(`_may_return`).
-
-A pCPU's load is its *demand*: the load of the work pinned there plus what waits for it, plus
-the load on it that no pinned vCPU explains (host work, unpinned vCPUs). Demand can pass 100:
-two vCPUs that each want a whole pCPU but share one show 50% each, and only their wait time
-tells that moving one would double its throughput. A vCPU that never idles is only known to
-want more than it got (`stats` counts all its wait, an upper bound), so where loads rise past a
-pCPU's capacity the first move gives one room and the next cycle shows what it really wants:
-such changes take a cycle more than others to converge.
+The thresholds choose among steps that gain: while a *high* pCPU (above `high`, more than one
+vCPU) and a *low* one (below `low`) remain, the step taken first is the move from high to low
+that brings the low one closest to `target`. Floating vCPUs (allowed on several pCPUs, or
+pinned outside `cpus`) are pinned once, heaviest first, onto the least loaded pCPU.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from vcpusched import stats
+from vcpusched import capacity
 from vcpusched.config import Config
-from vcpusched.model import SATURATED, SHORT, Move, Plan, Snapshot, Vcpu, VcpuRef
+from vcpusched.estimate import Estimate, Estimator
+from vcpusched.model import Move, Plan, Snapshot, Vcpu, VcpuRef
 
-FULL = 100.0
-
-# How many standard deviations of measurement noise a refining move must clear (beyond
-# min_gain) before it is trusted.
-NOISE_SIGMAS = 3.0
-# Cycles during which a moved vCPU does not go back to the pCPU it left (`_may_return`):
-# 15 s at the default interval, 30 s on the lab's. Longer holds
-# back answers to real load changes (24 left the benchmark's `phases`, whose loads change
-# every 20 cycles, unbalanced for a whole phase).
-COOLDOWN = 15
-
-
-def _order(vcpu: Vcpu) -> tuple[float, VcpuRef]:
-    return (vcpu.demand, vcpu.ref)
-
-
-def _demand(vcpu: Vcpu) -> float:
-    return vcpu.demand
-
-
-@dataclass(slots=True)
-class _Pcpu:
-    number: int
-    demand: float
-    # Movable vCPUs anchored here, kept sorted by demand so that the vCPU whose demand is
-    # nearest a wanted transfer is found by bisection: a plan on a host with a thousand vCPUs
-    # must stay within milliseconds.
-    vcpus: list[Vcpu] = field(default_factory=list)
-    fixed: int = 0  # anchored here but not movable (excluded)
-    noise2: float = 0.0  # variance of `demand`, from its vCPUs' noise
-    busy: float = 0.0  # measured utilization, then what the plan's moves make of it
-    shorts: int = 0  # vCPUs here short of time, movable or not (see `fits`)
-    version: int = 0  # counts changes, so that what was worked out for it can be reused
-
-    def fits(self, incoming: float, outgoing: float = 0.0) -> bool:
-        """Whether this pCPU has room for the CPU time the incoming vCPUs actually received.
-
-        A vCPU's demand on a full pCPU is only an upper bound (one that falls behind stays
-        runnable, so its wait reads as a whole pCPU), but the time it received is real. Moving
-        work onto a pCPU that is already full, or that the received time would fill, cannot
-        raise anyone's share under a fair scheduler: it only moves the waiting elsewhere. On
-        the lab, allowing it made two pCPUs near 100% trade vCPUs back and forth. A pCPU is
-        full when a vCPU on it is short of time, whatever its utilization says: on the lab
-        QEMU's own threads float elsewhere, and a pCPU holding a 100% and a 50% guest read
-        96% busy while the 50 waited; two such pCPUs swapped their 50s on bound readings.
-        """
-        return not self.shorts and self.busy < SATURATED and self.busy - outgoing + incoming <= FULL
-
-    @property
-    def count(self) -> int:
-        return len(self.vcpus) + self.fixed
-
-    def add(self, vcpu: Vcpu) -> None:
-        self.version += 1
-        bisect.insort(self.vcpus, vcpu, key=_order)
-        self.demand += vcpu.demand
-        self.busy += vcpu.received
-        self.noise2 += vcpu.noise**2
-        self.shorts += self._measured_short(vcpu)
-
-    def remove(self, vcpu: Vcpu) -> None:
-        self.version += 1
-        del self.vcpus[bisect.bisect_left(self.vcpus, _order(vcpu), key=_order)]
-        self.demand -= vcpu.demand
-        self.busy -= vcpu.received
-        self.noise2 -= vcpu.noise**2
-        self.shorts -= self._measured_short(vcpu)
-
-    def _measured_short(self, vcpu: Vcpu) -> bool:
-        # Short of time here, where it was measured; moved elsewhere, it may not be.
-        return vcpu.pcpu == self.number and _short(vcpu)
-
-    def nearest(self, want: float, lo: float, hi: float) -> Vcpu | None:
-        """The vCPU with demand in [lo, hi] nearest to `want`; the larger one on a tie."""
-        if lo > hi or not self.vcpus:
-            return None
-        aim = min(max(want, lo), hi)
-        i = bisect.bisect_left(self.vcpus, aim, key=_demand)
-        best: Vcpu | None = None
-        for j in (i - 1, i):
-            if 0 <= j < len(self.vcpus):
-                v = self.vcpus[j]
-                if lo <= v.demand <= hi and (
-                    best is None or abs(v.demand - want) <= abs(best.demand - want)
-                ):
-                    best = v
-        return best
+CAPACITY = 100.0
+# The uncertainty of a gain (points) until every vCPU it involves has PRIOR_READINGS readings
+# of its current level, when the spread of the gain across them can tell: three times the 2
+# points of noise per pCPU the lab's readings show. (A restarted agent must not swap two equal
+# guests on its first reading of them.)
+PRIOR_GAIN = 6.0
+PRIOR_READINGS = 3
+# Nothing is judged on one reading of a vCPU's level: it says nothing of how the vCPU varies
+# (a guest that bursts one interval in four reads like a heavy one in that interval).
+MIN_READINGS = 2
+# Candidates per pair of pCPUs, the nearest fits by mean demand, and how many of the best of
+# them are judged over the window.
+CANDIDATES = 4
+JUDGED = 4
+# Exchanges of several vCPUs are searched only where single steps are stuck, and only
+# between pCPUs holding at most this many movable vCPUs, against this many partners.
+EXCHANGE_VCPUS = 10
+EXCHANGE_PARTNERS = 4
+# The least loaded pCPUs a loaded one is paired with, and the rounds of steps a plan makes:
+# what keeps a plan on a host of thousands of vCPUs within milliseconds.
+PARTNERS = 4
+ROUNDS = 64
+# Steps judged per plan at most: what a plan on a crowded host of thousands of vCPUs leaves
+# to the next cycle, to stay within its time (a step judged costs up to a few tens of µs).
+JUDGE_BUDGET = 800
+# A vCPU whose readings over the window stay within this (points) is steady.
+FLAT_POINTS = 0.5
 
 
-class _Plan:
-    def __init__(self) -> None:
-        self.moves: dict[VcpuRef, Move] = {}
+class Planner(Protocol):
+    """What the agent's cycle asks of a policy (the benchmark hands it others to compare)."""
 
-    def add(
-        self,
-        vcpu: Vcpu,
-        src: _Pcpu | None,
-        dst: _Pcpu,
-        reason: str,
-        demands: tuple[float, float] | None = None,
-    ) -> None:
-        """Record a move; `demands` overrides (src, dst) demands, for the two halves of a swap."""
-        src_demand = None if src is None else src.demand
-        dst_demand = dst.demand
-        if demands is not None:
-            src_demand, dst_demand = demands
-        first = self.moves.get(vcpu.ref)
-        if first is None:
-            self.moves[vcpu.ref] = Move(
-                ref=vcpu.ref,
-                src=vcpu.affinity,
-                dst=dst.number,
-                demand=vcpu.demand,
-                src_demand=None if src_demand is None else round(src_demand, 1),
-                dst_demand=round(dst_demand, 1),
-                reason=reason,
-            )
-        elif first.src == frozenset((dst.number,)):
-            del self.moves[vcpu.ref]  # moved back where it started within one plan
-        else:
-            self.moves[vcpu.ref] = Move(
-                ref=vcpu.ref,
-                src=first.src,
-                dst=dst.number,
-                demand=first.demand,
-                src_demand=first.src_demand,
-                dst_demand=round(dst_demand, 1),
-                reason=first.reason,
-            )
-
-    def result(self) -> list[Move]:
-        return list(self.moves.values())
+    def reconfigure(self, config: Config) -> None: ...
+    def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan: ...
+    def applied(self, moves: Sequence[Move]) -> None: ...
+    def forget(self) -> None: ...
 
 
 class Balancer:
     """Everything the policy remembers across cycles, and the plan made from it.
 
-    It is fed each cycle's measured snapshot (`plan`) and the moves really pinned (`applied`):
-    the steadied readings (`stats.Smoother`) and the cooldown (`COOLDOWN`) live here only.
+    It is fed each cycle's measured snapshot (`plan`) and the moves really pinned (`applied`);
+    what it remembers is each vCPU's window of readings (`estimate.Estimator`).
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._smoother = stats.Smoother()
-        self._cycle = 0
-        # The pCPU each moved vCPU left, the cycle it left it in, and whether it was full then.
-        self._left: dict[VcpuRef, list[tuple[int, int, bool]]] = {}
-        self._full: frozenset[int] = frozenset()
-        self._domains: frozenset[str] | None = None
+        self._estimator = Estimator()
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
 
     def forget(self) -> None:
         """Drop the readings: after a reconnect the counters may have moved on without us."""
-        self._smoother.forget()
+        self._estimator.forget()
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
-        domains = frozenset(v.ref.domain for v in snapshot.vcpus)
-        if self._domains is not None and domains != self._domains:
-            # A guest that starts or stops changes what the pCPUs hold: the cooldown guards
-            # against reading the same situation twice, and this one is new.
-            self._left.clear()
-        self._domains = domains
-        self._full = frozenset(p for p, u in snapshot.util.items() if u >= SATURATED)
-        # Read per cycle, so that a reloaded min_gain applies here as everywhere else.
-        steadied = self._with_left(self._smoother.update(snapshot, min_jump=self.config.min_gain))
-        moves = decide(steadied, self.config, online)
-        measuring = sum(1 for v in steadied.vcpus if v.settling)
-        return Plan(
-            moves=tuple(moves),
-            held={"measuring": measuring} if measuring else {},
-            pcpu_demand=pcpu_demand(steadied),
-        )
+        estimates = self._estimator.update(snapshot)
+        if capacity.flat(snapshot.topology):
+            return decide(snapshot, estimates, self.config, online)
+        return capacity.plan_by_node(snapshot, estimates, self.config, online, decide)
 
     def applied(self, moves: Sequence[Move]) -> None:
-        for move in moves:
-            if len(move.src) == 1:
-                self._left.setdefault(move.ref, []).extend(
-                    (self._cycle, p, p in self._full) for p in move.src
-                )
-
-    def _with_left(self, snapshot: Snapshot) -> Snapshot:
-        self._cycle += 1
-        recent = self._cycle - COOLDOWN
-        self._left = {
-            ref: kept
-            for ref, left in self._left.items()
-            if (kept := [entry for entry in left if entry[0] > recent])
-        }
-        if not self._left:
-            return snapshot
-        vcpus = []
-        for v in snapshot.vcpus:
-            left = self._left.get(v.ref)
-            if left:
-                v = replace(
-                    v,
-                    left=frozenset(p for _, p, _ in left),
-                    left_full=frozenset(p for _, p, full in left if full),
-                )
-            vcpus.append(v)
-        return replace(snapshot, vcpus=tuple(vcpus))
+        """What was really pinned. A demand does not depend on where it was read, so the
+        estimates carry over a move unchanged; nothing else is kept."""
 
 
 def allowed_pcpus(config: Config, online: Iterable[int]) -> frozenset[int]:
@@ -265,283 +110,692 @@ def allowed_pcpus(config: Config, online: Iterable[int]) -> frozenset[int]:
     return online_set if config.cpus is None else online_set & config.cpus
 
 
-def pcpu_demand(snapshot: Snapshot, movable_floating: Iterable[Vcpu] = ()) -> dict[int, float]:
-    """Each pCPU's demand, from measured utilization and the vCPUs anchored to it.
-
-    What a pCPU's utilization holds beyond the vCPUs pinned to it is host work and unpinned
-    vCPUs. The unpinned vCPUs about to be placed are taken out of it, in proportion to that
-    remainder, since placing them is what puts their load on one pCPU.
-    """
-    return _estimates(snapshot, movable_floating)[0]
-
-
-def _estimates(
-    snapshot: Snapshot, movable_floating: Iterable[Vcpu]
-) -> tuple[dict[int, float], dict[int, float]]:
-    """Each pCPU's demand (see `pcpu_demand`) and its utilization without the vCPUs about to
-    be placed (placing puts all of a vCPU's time on one pCPU, which `_Pcpu.add` counts)."""
-    anchored_load: dict[int, float] = defaultdict(float)
-    anchored_demand: dict[int, float] = defaultdict(float)
+def pcpu_demand(snapshot: Snapshot, floating: Iterable[Vcpu] = ()) -> dict[int, float]:
+    """Each pCPU's demand from one snapshot: its vCPUs' demands plus the work no pinned vCPU
+    explains (host work, unpinned vCPUs, less those about to be placed)."""
+    other = _other_work(snapshot, floating)
+    demand = dict(other)
     for vcpu in snapshot.vcpus:
         pcpu = vcpu.pcpu
-        if pcpu is not None and pcpu in snapshot.util:
-            anchored_load[pcpu] += vcpu.received
-            anchored_demand[pcpu] += vcpu.demand
-    rest = {p: max(0.0, u - anchored_load[p]) for p, u in snapshot.util.items()}
-    floating = sum(v.received for v in movable_floating)
-    rest_total = sum(rest.values())
-    share = min(1.0, floating / rest_total) if rest_total > 0 else 0.0
-    demand = {p: r * (1.0 - share) + anchored_demand[p] for p, r in rest.items()}
-    busy = {p: u - rest[p] * share for p, u in snapshot.util.items()}
-    return demand, busy
+        if pcpu is not None and pcpu in demand:
+            demand[pcpu] += vcpu.demand
+    return demand
 
 
-def _may_return(vcpu: Vcpu, dst: _Pcpu, partner: Vcpu | None = None) -> bool:
-    """Whether `vcpu` may go to `dst`, which it may have left within COOLDOWN cycles, in a step
-    that sends `partner` (if any) the other way.
+def _other_work(snapshot: Snapshot, floating: Iterable[Vcpu]) -> dict[int, float]:
+    """Utilization on each pCPU that its pinned vCPUs do not explain. The floating vCPUs about
+    to be placed are taken out of it, in proportion, since placing them moves their time."""
+    pinned: dict[int, float] = defaultdict(float)
+    for vcpu in snapshot.vcpus:
+        pcpu = vcpu.pcpu
+        if pcpu is not None:
+            pinned[pcpu] += vcpu.received
+    rest = {p: max(0.0, u - pinned[p]) for p, u in snapshot.util.items()}
+    moving = sum(v.received for v in floating)
+    total = sum(rest.values())
+    share = min(1.0, moving / total) if total > 0 else 0.0
+    return {p: r * (1.0 - share) for p, r in rest.items()}
 
-    A vCPU that never idles reads as wanting all the time it was runnable, an upper bound:
-    two such vCPUs sharing a full pCPU both read 100, and whichever of a pair moves on shows
-    what it really wants while the one left behind still reads 100. Taken at face value that
-    swaps the pair back and forth (the simulator's `phases` did so four cycles running). Near
-    a full pCPU the estimate also swells for a moment (on the lab a 40% guest once read 63
-    beside a pCPU 99% busy, ten cycles after balance, and was swapped back for a 50% guest;
-    another time a 10% guest was moved back beside a 50 and a 40 reading 138 together on a
-    full pCPU, for nothing). So a vCPU does not go back within the cooldown, with two
-    exceptions. If the pCPU it left was full, its move off it was made on bounds, a guess (on a
-    2-pCPU host every correction of the first spread sends some vCPU back): it may go back on
-    readings that are not bounds, neither it nor its partner short of time. And one that reads
-    as wanting a whole pCPU may go back: its first move was made on that bound, and going back
-    is the correction.
+
+def predicted_shares(demands: Sequence[float], capacity: float = CAPACITY) -> list[float]:
+    """The share of its demand each vCPU receives when they split `capacity` max-min fairly."""
+    level = water_level(demands, capacity)
+    return [1.0 if d <= level else level / d for d in demands]
+
+
+def water_level(demands: Iterable[float], capacity: float) -> float:
+    """The share L with sum(min(d, L)) == capacity, or inf when every demand fits."""
+    ordered = sorted(demands)
+    if sum(ordered) <= capacity:
+        return math.inf
+    remaining = max(capacity, 0.0)
+    for i, demand in enumerate(ordered):
+        share = remaining / (len(ordered) - i)
+        if demand >= share:
+            return share
+        remaining -= demand
+    return math.inf  # unreachable: the sum exceeded the capacity
+
+
+def _fill(values: Sequence[float], other: float) -> tuple[float, float]:
+    """(shortfall, worst share) of vCPUs with these demands on a pCPU that also runs `other`
+    (host work, QEMU's own threads), which shares the pCPU with them fairly.
+
+    The shortfall of a vCPU is what it misses, d - r, plus (d - r)^2 / d: the first is the
+    time the placement leaves unserved, the second weighs most the worst-off, so that among
+    placements that serve the same time the fairer one wins (5/4/2/1 vCPUs wanting a whole
+    pCPU each leave the same time unserved as 3/3/3/3). Host work is not the agent's to serve,
+    but it is no wall either: a vCPU moved beside it gets its fair share of the pCPU.
     """
-    if dst.number not in vcpu.left or vcpu.demand >= SATURATED:
-        return True
-    if dst.number not in vcpu.left_full:
+    if sum(values) + other <= CAPACITY:
+        return 0.0, 1.0
+    level = water_level([*values, other], CAPACITY)
+    cost = 0.0
+    worst = 1.0
+    for d in values:
+        if d > level:
+            cost += (d - level) + (d - level) ** 2 / d
+            worst = min(worst, level / d)
+    return cost, worst
+
+
+def _harms(
+    members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, other: float
+) -> bool:
+    """Whether guesses coming here would leave a vCPU known to be satisfied short of time.
+
+    A guessed demand is an upper bound (a vCPU that never idles wants at most all the time it
+    was runnable): it may push out of room a vCPU whose demand is known, for a demand that is
+    not there. Guesses among guesses, or on a pCPU with room for them, are fair game.
+    """
+    values = _after(members, leaving, coming, t)
+    if sum(values) + other <= CAPACITY:
         return False
-    return not _short(vcpu) and (partner is None or not _short(partner))
+    level = water_level([*values, other], CAPACITY)
+    gone = {id(v) for v in leaving}
+    return any(not m.guess and m.series[t] > level + 1e-9 for m in members if id(m) not in gone)
 
 
-def _short(vcpu: Vcpu) -> bool:
-    """Whether its demand is a bound from waiting rather than the time it used."""
-    return vcpu.demand > vcpu.received + SHORT
+# -- the planner's picture of the host ------------------------------------------------------
 
 
-def _gain(gap: float, transfer: float) -> float:
-    """How much moving `transfer` from the higher to the lower pCPU narrows their gap."""
-    return gap - abs(gap - 2.0 * transfer)
+@dataclass(slots=True, eq=False)
+class _V:
+    vcpu: Vcpu
+    series: tuple[float, ...]
+    mean: float
+    flat: bool
+    readings: int
+    guess: bool
+
+    @property
+    def ref(self) -> VcpuRef:
+        return self.vcpu.ref
 
 
-def decide(snapshot: Snapshot, config: Config, pcpus: frozenset[int] | None = None) -> list[Move]:
-    """The moves that balance `snapshot`; empty when it is balanced enough to leave alone."""
-    online = frozenset(snapshot.util) if pcpus is None else pcpus
+def _key(v: _V) -> tuple[float, VcpuRef]:
+    return (v.mean, v.ref)
+
+
+def _mean(v: _V) -> float:
+    return v.mean
+
+
+@dataclass(slots=True, eq=False)
+class _P:
+    number: int
+    other: float  # utilization its vCPUs do not explain, taken as steady
+    intervals: int
+    members: list[_V] = field(default_factory=list)  # every vCPU anchored here
+    movable: list[_V] = field(default_factory=list)  # those the plan may move, by mean demand
+    sums: list[float] = field(default_factory=list)  # members' demand per interval
+    version: int = 0
+    unsteady: int = 0  # members that are not flat
+    guesses: int = 0  # members whose latest reading is a bound
+    # Took a vCPU whose demand is a guess (read short): no further step here in this plan,
+    # the next reading tells what it holds.
+    frozen: bool = False
+    # Shed a guess: what it holds now is a guess of a new situation; it takes nothing more.
+    shed: bool = False
+
+    @property
+    def receives(self) -> bool:
+        return not self.frozen and not self.shed
+
+    _costs: tuple[int, list[tuple[float, float]]] | None = None
+    _readings: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.sums = [0.0] * self.intervals
+
+    @property
+    def capacity(self) -> float:
+        return CAPACITY - self.other
+
+    @property
+    def demand(self) -> float:
+        """Mean demand over the window, with the other work: what orders the pCPUs."""
+        return self.other + sum(self.sums) / self.intervals
+
+    @property
+    def util(self) -> float:
+        """Mean predicted utilization: demand up to what the pCPU can give."""
+        cap = self.capacity
+        return self.other + sum(min(s, cap) for s in self.sums) / self.intervals
+
+    @property
+    def flat(self) -> bool:
+        return not self.unsteady
+
+    @property
+    def readings(self) -> int:
+        if self._readings is None or self._readings[0] != self.version:
+            fewest = min((m.readings for m in self.members), default=self.intervals)
+            self._readings = (self.version, fewest)
+        return self._readings[1]
+
+    def add(self, v: _V, movable: bool = True) -> None:
+        self.version += 1
+        self.members.append(v)
+        self.unsteady += not v.flat
+        self.guesses += v.guess
+        if movable:
+            bisect.insort(self.movable, v, key=_key)
+        for t, x in enumerate(v.series):
+            self.sums[t] += x
+
+    def remove(self, v: _V) -> None:
+        self.version += 1
+        self.members.remove(v)
+        self.unsteady -= not v.flat
+        self.guesses -= v.guess
+        del self.movable[bisect.bisect_left(self.movable, _key(v), key=_key)]
+        for t, x in enumerate(v.series):
+            self.sums[t] -= x
+
+    def costs(self, intervals: int) -> list[tuple[float, float]]:
+        """(shortfall, worst share) per interval, cached while nothing changes here."""
+        if self._costs is not None and self._costs[0] == self.version:
+            return self._costs[1]
+        out = []
+        for t in range(intervals):
+            if self.sums[t] <= self.capacity:
+                out.append((0.0, 1.0))
+            else:
+                out.append(_fill([m.series[t] for m in self.members], self.other))
+        self._costs = (self.version, out)
+        return out
+
+    def nearest(self, want: float, lo: float, hi: float, count: int) -> list[_V]:
+        """Up to `count` movable vCPUs with mean demand in [lo, hi], nearest `want` first."""
+        if lo > hi or not self.movable:
+            return []
+        aim = min(max(want, lo), hi)
+        i = bisect.bisect_left(self.movable, aim, key=_mean)
+        left, right = i - 1, i
+        found: list[_V] = []
+        while len(found) < count and (left >= 0 or right < len(self.movable)):
+            pick_left = right >= len(self.movable) or (
+                left >= 0
+                and abs(self.movable[left].mean - want) <= abs(self.movable[right].mean - want)
+            )
+            v = self.movable[left] if pick_left else self.movable[right]
+            if pick_left:
+                left -= 1
+            else:
+                right += 1
+            if lo <= v.mean <= hi:
+                found.append(v)
+            elif abs(v.mean - aim) > hi - lo:
+                break
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    gain: float  # mean over the window, points
+    uncertainty: float
+    worst: float  # mean change of the worst-off share on the two pCPUs, points
+    pins: int
+
+    def net(self, min_gain: float) -> float:
+        """What it gains beyond its uncertainty and the least gain worth it: min_gain for a
+        move or a swap (a swap's second pin is charged in `score`), and min_gain more for
+        every pin an exchange adds beyond a swap's two."""
+        return self.gain - self.uncertainty - min_gain * max(1, self.pins - 1)
+
+    def score(self, min_gain: float) -> float:
+        """Its net gain, less min_gain for every pin beyond the first: a swap is worth its
+        second pin only where it gains min_gain more than a move would."""
+        return self.gain - self.uncertainty - min_gain * self.pins
+
+    def taken(self, min_gain: float) -> bool:
+        # Worst-off first: less shortfall in all does not pay for a worse-off vCPU.
+        return self.net(min_gain) >= -1e-9 and self.worst >= -1e-6
+
+
+def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) -> _Verdict:
+    """What sending `out` from a to b and `back` from b to a gains, interval by interval."""
+    readings = min([a.readings, b.readings] + [v.readings for v in (*out, *back)])
+    if readings < MIN_READINGS:
+        return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
+    flat = a.flat and b.flat and all(v.flat for v in (*out, *back))
+    span = 1 if flat else intervals
+    cost_a, cost_b = a.costs(intervals), b.costs(intervals)
+    cap_a, cap_b = a.capacity, b.capacity
+    guess_out = any(v.guess for v in out)
+    guess_back = any(v.guess for v in back)
+    gains: list[float] = []
+    worst = 0.0
+    for t in range(span):
+        moved = sum(v.series[t] for v in out) - sum(v.series[t] for v in back)
+        sa, sb = a.sums[t], b.sums[t]
+        sa2, sb2 = sa - moved, sb + moved
+        (ca, wa), (cb, wb) = cost_a[t], cost_b[t]
+        if sa2 > cap_a:
+            ca2, wa2 = _fill(_after(a.members, out, back, t), a.other)
+        else:
+            ca2, wa2 = 0.0, 1.0
+        if sb2 > cap_b:
+            cb2, wb2 = _fill(_after(b.members, back, out, t), b.other)
+        else:
+            cb2, wb2 = 0.0, 1.0
+        if (guess_out and _harms(b.members, back, out, t, b.other)) or (
+            guess_back and _harms(a.members, out, back, t, a.other)
+        ):
+            return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
+        gain = ca + cb - ca2 - cb2
+        if not (ca2 or cb2):
+            # Where everyone would get what they want, the spread of demand counts too.
+            gap = (min(sa, cap_a) + a.other) - (min(sb, cap_b) + b.other)
+            gap2 = (sa2 + a.other) - (sb2 + b.other)
+            gain += abs(gap) - abs(gap2)
+        gains.append(gain)
+        worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
+    mean = sum(gains) / span
+    # Every vCPU a step moves brings its own unknown noise.
+    prior = PRIOR_GAIN * math.sqrt(len(out) + len(back)) if readings < PRIOR_READINGS else 0.0
+    spread = _standard_error(gains, mean) if span > 1 else 0.0
+    return _Verdict(mean, math.hypot(spread, prior), worst / span, len(out) + len(back))
+
+
+def _after(
+    members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int
+) -> list[float]:
+    gone = {id(v) for v in leaving}
+    return [m.series[t] for m in members if id(m) not in gone] + [v.series[t] for v in coming]
+
+
+def _standard_error(values: Sequence[float], mean: float) -> float:
+    """Standard error of the mean of a series, counting what its autocorrelation takes away:
+    a gain that holds for ten intervals, then not, is not ten independent readings."""
+    n = len(values)
+    dev = [x - mean for x in values]
+    var = sum(d * d for d in dev) / (n - 1)
+    if var <= 1e-12:
+        return 0.0
+    rho = sum(x * y for x, y in itertools.pairwise(dev)) / (var * (n - 1))
+    rho = min(max(rho, 0.0), 0.9)
+    effective = n * (1.0 - rho) / (1.0 + rho)
+    return math.sqrt(var / effective)
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+class _Plan:
+    def __init__(self) -> None:
+        self.moves: dict[VcpuRef, Move] = {}
+        self.held: dict[str, int] = defaultdict(int)
+        self.judged = 0
+
+    def afford(self) -> bool:
+        """Whether the plan may judge one more step (see JUDGE_BUDGET)."""
+        if self.judged >= JUDGE_BUDGET:
+            self.held["budget"] = 1
+            return False
+        self.judged += 1
+        return True
+
+    def add(
+        self, v: _V, src: _P | None, dst: _P, reason: str, demands: tuple[float, float]
+    ) -> None:
+        first = self.moves.get(v.ref)
+        if first is None:
+            self.moves[v.ref] = Move(
+                ref=v.ref,
+                src=v.vcpu.affinity,
+                dst=dst.number,
+                demand=round(v.mean, 1),
+                src_demand=None if src is None else round(demands[0], 1),
+                dst_demand=round(demands[1], 1),
+                reason=reason,
+            )
+        elif first.src == frozenset((dst.number,)):
+            del self.moves[v.ref]  # moved back where it started within one plan
+        else:
+            self.moves[v.ref] = Move(
+                ref=v.ref,
+                src=first.src,
+                dst=dst.number,
+                demand=first.demand,
+                src_demand=first.src_demand,
+                dst_demand=round(demands[1], 1),
+                reason=first.reason,
+            )
+
+
+def decide(
+    snapshot: Snapshot,
+    estimates: Mapping[VcpuRef, Estimate],
+    config: Config,
+    online: frozenset[int] | None = None,
+) -> Plan:
+    """The plan for `snapshot`, judged on the estimates; empty when nothing gains enough."""
+    online = frozenset(snapshot.util) if online is None else online
     allowed = allowed_pcpus(config, online) & frozenset(snapshot.util)
-    if not allowed:
-        return []
+    intervals = max((len(e.series) for e in estimates.values()), default=1)
+    result = _Plan()
+    views: dict[VcpuRef, _V] = {}
+    for vcpu in snapshot.vcpus:
+        e = estimates.get(vcpu.ref)
+        series = e.series if e is not None else (vcpu.demand,)
+        series = series[-intervals:]
+        if len(series) < intervals:
+            series = (series[0],) * (intervals - len(series)) + series
+        mean = sum(series) / intervals
+        flat = max(series) - min(series) <= FLAT_POINTS
+        if flat:
+            # Counters of different precision jitter a steady vCPU by a fraction of a point:
+            # one interval tells all, and judging one is what keeps big plans fast.
+            series = (mean,) * intervals
+        guess = e is not None and e.guess
+        views[vcpu.ref] = _V(
+            vcpu,
+            series,
+            mean,
+            flat,
+            1 if e is None else e.readings,
+            guess,
+        )
+    fresh = sum(1 for v in views.values() if v.readings < MIN_READINGS and not v.vcpu.excluded)
+    if fresh:
+        result.held["readings"] = fresh  # judged from the next reading on
     to_place = [v for v in snapshot.vcpus if not v.excluded and v.pcpu not in allowed]
-    if any(v.settling for v in to_place):
-        # Placing is one partition of all floating vCPUs: placing some while others are still
-        # being measured would pair them by half the facts.
+    measuring = [
+        v for v in to_place if v.pcpu is None and (e := estimates.get(v.ref)) and e.measuring
+    ]
+    if measuring:
+        # A placement is one partition of all floating vCPUs: placing some while others are
+        # still being measured would pair them by half the facts.
+        result.held["measuring"] = len(measuring)
         to_place = [v for v in to_place if v.pcpu is not None]
     floating = [v for v in to_place if v.pcpu is None]
-    loads, busy = _estimates(snapshot, floating)
-    pcpu = {
-        n: _Pcpu(n, loads[n], busy=busy[n], noise2=snapshot.pcpu_noise.get(n, 0.0) ** 2)
-        for n in loads
-    }
+    other = _other_work(snapshot, floating)
+    pcpus = {n: _P(n, other[n], intervals) for n in snapshot.util}
     for vcpu in snapshot.vcpus:
         home = vcpu.pcpu
-        if home is None or home not in pcpu:
+        if home is None or home not in pcpus:
             continue
-        pcpu[home].noise2 += vcpu.noise**2
-        pcpu[home].shorts += _short(vcpu)
-        if vcpu.excluded or home not in allowed:
-            pcpu[home].fixed += 1
-        else:
-            bisect.insort(pcpu[home].vcpus, vcpu, key=_order)
-    targets = [pcpu[n] for n in sorted(allowed)]
-    result = _Plan()
-    _place(to_place, pcpu, targets, result)
-    _relieve(targets, config, result)
-    _refine(targets, config, result)
-    return result.result()
+        pcpus[home].add(views[vcpu.ref], movable=not vcpu.excluded and home in allowed)
+    demand_before = {n: round(p.demand, 1) for n, p in pcpus.items()}
+    targets = [pcpus[n] for n in sorted(allowed)]
+    if targets:
+        _place([views[v.ref] for v in to_place], pcpus, targets, result)
+        _relieve(targets, config, intervals, result)
+        _refine(targets, config, intervals, result)
+    return Plan(
+        moves=tuple(result.moves.values()),
+        held=dict(result.held),
+        pcpu_demand=demand_before,
+    )
 
 
-def _place(
-    to_place: list[Vcpu], pcpu: dict[int, _Pcpu], targets: list[_Pcpu], result: _Plan
-) -> None:
+def _place(to_place: list[_V], pcpus: dict[int, _P], targets: list[_P], result: _Plan) -> None:
     siblings: dict[tuple[int, str], int] = defaultdict(int)
     for p in targets:
-        for v in p.vcpus:
+        for v in p.members:
             siblings[p.number, v.ref.domain] += 1
 
-    # Loads within a point of each other count as equal, so idle vCPUs spread by count
+    # Demands within a point of each other count as equal, so idle vCPUs spread by count
     # instead of following measurement noise.
-    def key(p: _Pcpu) -> tuple[int, int, int]:
-        return (round(p.demand), p.count, p.number)
+    def key(p: _P) -> tuple[int, int, int]:
+        return (round(p.demand), len(p.members), p.number)
 
     heap = [(key(p), p.number) for p in targets]
     heapq.heapify(heap)
     by_number = {p.number: p for p in targets}
-    for vcpu in sorted(to_place, key=lambda v: (-v.demand, v.ref)):
+    for v in sorted(to_place, key=lambda v: (-v.mean, v.ref)):
         # Among the least loaded pCPUs, the first holding none of the domain's vCPUs.
         popped = [heapq.heappop(heap)]
-        while siblings[popped[0][1], vcpu.ref.domain] and heap and heap[0][0][0] == popped[0][0][0]:
+        while siblings[popped[0][1], v.ref.domain] and heap and heap[0][0][0] == popped[0][0][0]:
             popped.append(heapq.heappop(heap))
-            if not siblings[popped[-1][1], vcpu.ref.domain]:
+            if not siblings[popped[-1][1], v.ref.domain]:
                 popped.insert(0, popped.pop())
                 break
         dst = by_number[popped[0][1]]
-        src = pcpu.get(vcpu.pcpu) if vcpu.pcpu is not None else None
-        result.add(vcpu, src, dst, "place" if src is None else "outside-cpus")
+        home = v.vcpu.pcpu
+        src = pcpus.get(home) if home is not None else None
+        demands = (0.0 if src is None else src.demand, dst.demand)
+        result.add(v, src, dst, "place" if src is None else "outside-cpus", demands)
         if src is not None:
-            src.demand -= vcpu.demand
-            src.fixed -= 1
-            src.shorts -= _short(vcpu)
-        dst.add(vcpu)
-        siblings[dst.number, vcpu.ref.domain] += 1
+            src.members.remove(v)
+            src.unsteady -= not v.flat
+            src.guesses -= v.guess
+            src.version += 1
+            for t, x in enumerate(v.series):
+                src.sums[t] -= x
+        dst.add(v)
+        siblings[dst.number, v.ref.domain] += 1
         for _, number in popped:
             heapq.heappush(heap, (key(by_number[number]), number))
 
 
-def _move(
-    vcpu: Vcpu,
-    src: _Pcpu,
-    dst: _Pcpu,
-    result: _Plan,
-    reason: str,
-    demands: tuple[float, float] | None = None,
+def _step(
+    src: _P, dst: _P, out: Sequence[_V], back: Sequence[_V], reason: str, result: _Plan
 ) -> None:
-    result.add(vcpu, src, dst, reason, demands)
-    src.remove(vcpu)
-    dst.add(vcpu)
+    demands = (src.demand, dst.demand)
+    for v in out:
+        result.add(v, src, dst, reason, demands)
+        src.remove(v)
+        dst.add(v)
+        dst.frozen = dst.frozen or v.guess
+        # What a pCPU whose vCPUs read short holds after it sheds is a guess of a new
+        # situation: it takes nothing more until its next reading.
+        src.shed = src.shed or v.guess or src.guesses > 0
+    for v in back:
+        result.add(v, dst, src, reason, demands[::-1])
+        dst.remove(v)
+        src.add(v)
+        src.frozen = src.frozen or v.guess
 
 
-def _relieve(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
-    half_gain = config.min_gain / 2
-    while True:
+def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -> None:
+    """The thresholds: a high pCPU holding more than one vCPU sheds toward a low one, the vCPU
+    that brings the low one closest to target first, as long as the step gains."""
+    half = config.min_gain / 2
+    tried: dict[tuple[int, int], tuple[int, int]] = {}
+    for _ in range(ROUNDS):
+        moved = False
+        lows = sorted(
+            (p for p in targets if p.receives and p.util < config.low),
+            key=lambda p: (p.util, p.number),
+        )
         highs = sorted(
-            (p for p in targets if p.demand > config.high and p.count > 1 and p.vcpus),
+            (p for p in targets if p.util > config.high and len(p.members) > 1 and p.movable),
             key=lambda p: (-p.demand, p.number),
         )
-        lows = sorted(
-            (p for p in targets if p.demand < config.low), key=lambda p: (p.demand, p.number)
-        )
-        chosen = None
         for src in highs:
+            partners = 0
             for dst in lows:
-                gap = src.demand - dst.demand
-                want = config.target - dst.demand
-                # Gaining min_gain needs a demand in [min_gain/2, gap - min_gain/2]; one that
-                # also leaves src no lower than dst (at most gap/2) is preferred.
-                vcpu = src.nearest(want, half_gain, gap / 2) or src.nearest(
-                    want, math.nextafter(gap / 2, math.inf), gap - half_gain
-                )
-                if vcpu is not None and dst.fits(vcpu.received) and _may_return(vcpu, dst):
-                    chosen = (vcpu, src, dst)
+                if src.frozen or partners == PARTNERS:
                     break
-            if chosen:
-                break
-        if chosen is None:
+                if not dst.receives or dst.util >= config.low:
+                    continue
+                partners += 1
+                versions = (src.version, dst.version)
+                if tried.get((src.number, dst.number)) == versions:
+                    continue
+                tried[src.number, dst.number] = versions
+                gap = src.demand - dst.demand
+                want = config.target - dst.util
+                # Moves that leave src no lower than dst come first.
+                candidates = src.nearest(want, half, gap / 2, CANDIDATES) + src.nearest(
+                    want, math.nextafter(gap / 2, math.inf), gap - half, CANDIDATES
+                )
+                # Of the fits, the one that gains most (the best fit to target, as a rule),
+                # a guess counting less by as much as its bound leaves open.
+                best: tuple[float, _V] | None = None
+                for v in candidates:
+                    if not result.afford():
+                        return
+                    verdict = _judge(src, dst, (v,), (), intervals)
+                    rank = verdict.net(config.min_gain)
+                    if v.guess:
+                        rank -= max(0.0, v.mean - v.vcpu.received)
+                    if not verdict.taken(config.min_gain):
+                        _count_held(verdict, config, result)
+                    elif best is None or rank > best[0]:
+                        best = (rank, v)
+                if best is not None:
+                    _step(src, dst, (best[1],), (), "high", result)
+                    moved = True
+                if src.util <= config.high or not src.movable:
+                    break
+        if not moved:
             return
-        _move(*chosen, result, "high")
 
 
-_Step = tuple[float, Vcpu, Vcpu | None]  # gain, the vCPU sent, the one sent back (a swap)
+def _count_held(verdict: _Verdict, config: Config, result: _Plan) -> None:
+    # A step that would gain enough on its mean but not beyond its uncertainty.
+    if verdict.gain - config.min_gain >= 0 > verdict.net(config.min_gain):
+        result.held["uncertain"] += 1
 
 
-def _refine(targets: list[_Pcpu], config: Config, result: _Plan) -> None:
+_Found = tuple[float, tuple[_V, ...], tuple[_V, ...]]
+
+
+def _refine(targets: list[_P], config: Config, intervals: int, result: _Plan) -> None:
+    """Best steps between pCPUs, from the most loaded down, while one gains enough."""
     # What each pair of pCPUs can trade, kept while neither changes: a step changes two
-    # pCPUs, so the next search redoes their pairs only, not all of them (on a host with
-    # hundreds of starved vCPUs, redoing every pair made a first plan take half a second).
-    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]] = {}
-    # Bounded so a pathological input cannot stall a cycle; each move already lowers the
-    # sum of squares by a fixed step, so real inputs end long before this.
-    for _ in range(4 * sum(len(p.vcpus) for p in targets) + len(targets)):
-        by_load = sorted(targets, key=lambda p: (p.demand, p.number))
-        step = _best_step(by_load, config.min_gain, pairs)
-        if step is None:
+    # pCPUs, so the next round redoes their pairs only.
+    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Found | None]] = {}
+    stuck: dict[tuple[int, int], tuple[int, int]] = {}
+    for _ in range(ROUNDS):
+        ordered = sorted((p for p in targets if not p.frozen), key=lambda p: (p.demand, p.number))
+        moved = False
+        for src in reversed(ordered):
+            if src.frozen or not src.movable:
+                continue
+            step = _best_step(src, ordered, config, intervals, pairs, result)
+            if step is not None:
+                dst, out, back = step
+                _step(src, dst, out, back, "swap" if back else "refine", result)
+                moved = True
+            elif src.demand - ordered[0].demand < config.min_gain:
+                break  # no pCPU further down has more to give
+        if moved:
+            continue
+        exchange = _exchange(ordered, config, intervals, stuck, result)
+        if exchange is None:
             return
-        src, dst, out, back = step
-        before = (src.demand, dst.demand)
-        reason = "refine" if back is None else "swap"
-        _move(out, src, dst, result, reason, before)
-        if back is not None:
-            _move(back, dst, src, result, reason, before[::-1])
+        src, dst, out, back = exchange
+        _step(src, dst, out, back, "exchange", result)
 
 
 def _best_step(
-    by_load: list[_Pcpu],
-    min_gain: float,
-    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Step | None]],
-) -> tuple[_Pcpu, _Pcpu, Vcpu, Vcpu | None] | None:
-    """The best move or swap off the most loaded pCPU (of `by_load`, in ascending load) that
-    gains enough to be trusted."""
-    for src in reversed(by_load):
-        if not src.vcpus:
+    src: _P,
+    ordered: list[_P],
+    config: Config,
+    intervals: int,
+    pairs: dict[tuple[int, int], tuple[tuple[int, int], _Found | None]],
+    result: _Plan,
+) -> tuple[_P, tuple[_V, ...], tuple[_V, ...]] | None:
+    """The best move or swap off `src` toward the least loaded pCPUs that gains enough."""
+    best: tuple[float, _P, tuple[_V, ...], tuple[_V, ...]] | None = None
+    partners = 0
+    for dst in ordered:
+        if partners == PARTNERS or dst is src:
+            break
+        if not dst.receives:
             continue
-        best: tuple[float, _Pcpu, Vcpu, Vcpu | None] | None = None
-        # No step gains more than twice what it transfers, at most the largest demand here.
-        cap = 2.0 * src.vcpus[-1].demand
-        for dst in by_load:
-            # Ascending loads: every later pCPU is closer still, and no step gains more
-            # than the gap it narrows.
-            gap = src.demand - dst.demand
-            if gap < min_gain or (best is not None and best[0] >= min(gap, cap)):
-                break
-            versions = (src.version, dst.version)
-            known = pairs.get((src.number, dst.number))
-            if known is not None and known[0] == versions:
-                step = known[1]
-            else:
-                step = _pair_step(src, dst, min_gain)
-                pairs[src.number, dst.number] = (versions, step)
-            if step is not None and (best is None or step[0] > best[0]):
-                best = (step[0], dst, step[1], step[2])
-        if best is not None:
-            return src, best[1], best[2], best[3]
-    return None
+        if src.demand - dst.demand < config.min_gain:
+            break
+        partners += 1
+        versions = (src.version, dst.version)
+        known = pairs.get((src.number, dst.number))
+        if known is not None and known[0] == versions:
+            found = known[1]
+        else:
+            found = _pair_step(src, dst, config, intervals, result)
+            pairs[src.number, dst.number] = (versions, found)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = (found[0], dst, found[1], found[2])
+    return None if best is None else (best[1], best[2], best[3])
 
 
-def _pair_step(src: _Pcpu, dst: _Pcpu, min_gain: float) -> _Step | None:
-    """The best move or swap from `src` to `dst` that gains enough to be trusted.
-
-    Enough is `min_gain` plus NOISE_SIGMAS standard deviations of the measured gap between
-    the two pCPUs: where two placements are about equally good, noise alone makes either look
-    better by twice the error on the gap, and chasing that is how balancers ping-pong.
-    """
+def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) -> _Found | None:
+    """The best move or swap from src to dst that gains enough, by net gain."""
     gap = src.demand - dst.demand
-    need = min_gain + NOISE_SIGMAS * math.sqrt(max(0.0, src.noise2 + dst.noise2))
-    if gap < need or dst.shorts or dst.busy >= SATURATED:
-        return None  # within the noise, or full: nothing can go there (see `fits`)
-    half = need / 2
-    best: _Step | None = None
-    out = src.nearest(gap / 2, half, gap - half)
-    if out is not None and dst.fits(out.received) and _may_return(out, dst):
-        best = (_gain(gap, out.demand), out, None)
-    if not dst.vcpus:
-        return best
-    # A swap costs two pin changes: only worth it where a move cannot come within min_gain
-    # of it.
-    need_swap = max(need, (best[0] if best else 0.0) + min_gain)
-    widest = min(src.vcpus[-1].demand - dst.vcpus[0].demand, gap / 2)
-    if widest <= 0 or _gain(gap, widest) < need_swap:
-        return best
-    # What a swap can bring in is bounded by the room plus the most it can send back.
-    room = FULL - dst.busy + max(v.received for v in dst.vcpus)
-    for swap_out in src.vcpus:
-        if swap_out.received > room:
-            continue
-        back = dst.nearest(
-            swap_out.demand - gap / 2, swap_out.demand - (gap - half), swap_out.demand - half
-        )
-        if (
-            back is None
-            or not dst.fits(swap_out.received, back.received)
-            or not _may_return(swap_out, dst, back)
-            or not _may_return(back, src, swap_out)
-        ):
-            continue
-        gain = _gain(gap, swap_out.demand - back.demand)
-        if gain >= need_swap and (best is None or gain > best[0]):
-            best = (gain, swap_out, back)
+    half = config.min_gain / 2
+    options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]] = []
+    for v in src.nearest(gap / 2, half, gap - half, CANDIDATES):
+        options.append((abs(gap / 2 - v.mean), (v,), ()))
+    # A swap costs a second pin: worth searching only where no move comes within min_gain of
+    # what a perfect step would narrow, and then for the vCPUs too big to move alone.
+    near = min((o[0] for o in options), default=math.inf)
+    if dst.movable and src.receives and 2 * near > config.min_gain:
+        for out in src.nearest(gap / 2, gap / 2, math.inf, CANDIDATES):
+            if out.guess:
+                continue  # swaps on guesses only where nothing else is left (_exchange)
+            for back in dst.nearest(out.mean - gap / 2, out.mean - gap + half, out.mean - half, 2):
+                if back.guess:
+                    continue
+                options.append(
+                    (abs(gap / 2 - out.mean + back.mean) + config.min_gain, (out,), (back,))
+                )
+    return _best_of(src, dst, options, config, intervals, result)
+
+
+def _best_of(
+    src: _P,
+    dst: _P,
+    options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]],
+    config: Config,
+    intervals: int,
+    result: _Plan,
+) -> _Found | None:
+    options.sort(key=lambda o: o[0])
+    best: _Found | None = None
+    for _, out, back in options[:JUDGED]:
+        if not result.afford():
+            break
+        verdict = _judge(src, dst, out, back, intervals)
+        if verdict.taken(config.min_gain):
+            net = verdict.score(config.min_gain)
+            if best is None or net > best[0]:
+                best = (net, out, back)
+        else:
+            _count_held(verdict, config, result)
     return best
+
+
+def _exchange(
+    ordered: list[_P],
+    config: Config,
+    intervals: int,
+    stuck: dict[tuple[int, int], tuple[int, int]],
+    result: _Plan,
+) -> tuple[_P, _P, tuple[_V, ...], tuple[_V, ...]] | None:
+    """Where no single move or swap gains, exchanges of up to two vCPUs each way between the
+    most loaded pCPU and the least loaded ones (guests of several equal vCPUs get stuck so)."""
+    if not ordered:
+        return None
+    src = ordered[-1]
+    if not src.movable or not src.receives or len(src.movable) > EXCHANGE_VCPUS:
+        return None
+    for dst in ordered[:EXCHANGE_PARTNERS]:
+        gap = src.demand - dst.demand
+        if not dst.receives:
+            continue
+        if gap < config.min_gain or len(dst.movable) > EXCHANGE_VCPUS:
+            break
+        versions = (src.version, dst.version)
+        if stuck.get((src.number, dst.number)) == versions:
+            continue
+        outs = [c for k in (1, 2) for c in itertools.combinations(src.movable, k)]
+        backs = [()] + [c for k in (1, 2) for c in itertools.combinations(dst.movable, k)]
+        options = []
+        for out in outs:
+            sent = sum(v.mean for v in out)
+            for back in backs:
+                if len(out) + len(back) <= 2 and not any(v.guess for v in (*out, *back)):
+                    continue  # single moves and swaps were tried
+                moved = sent - sum(v.mean for v in back)
+                if config.min_gain / 2 <= moved <= gap - config.min_gain / 2:
+                    options.append((abs(gap / 2 - moved), out, back))
+        found = _best_of(src, dst, options, config, intervals, result)
+        if found is not None:
+            return src, dst, found[1], found[2]
+        stuck[src.number, dst.number] = versions
+    return None

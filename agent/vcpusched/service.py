@@ -44,11 +44,11 @@ FULL_WINDOW = 0.9
 class Agent:
     """One cycle of the agent: host -> readings -> the balancer's plan -> pins -> audit."""
 
-    def __init__(self, host: Host, config: Config, balancer: policy.Balancer | None = None) -> None:
+    def __init__(self, host: Host, config: Config, balancer: policy.Planner | None = None) -> None:
         self.host = host
         self.config = config
-        # Injected by the benchmark, which times its plans.
-        self.balancer = balancer or policy.Balancer(config)
+        # Injected by the benchmark, which times plans and compares policies.
+        self.balancer: policy.Planner = balancer or policy.Balancer(config)
         self.last: HostSample | None = None
         # The last measured snapshot, and the last plan made from it.
         self.snapshot: Snapshot | None = None
@@ -111,7 +111,9 @@ class Agent:
             self.balancer.applied(applied)
         if self.config.pin_emulator == "node":
             self._follow_emulators(sample, moves if self.config.dry_run else applied)
-        self._log_balance(measured, bool(moves))
+        # Balanced is said of a plan made on enough readings, with nothing held to measure.
+        waiting = any(self.plan.held.get(k) for k in ("readings", "measuring"))
+        self._log_balance(measured, bool(moves) or waiting)
         return applied
 
     def _track_domains(self, sample: HostSample) -> None:

@@ -1,16 +1,11 @@
-"""Readings from two host samples, and their smoothing: pure arithmetic, no I/O."""
+"""Readings from two host samples: pure arithmetic, no I/O."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-import statistics
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
-from vcpusched.model import SHORT, HostSample, Snapshot, Vcpu, VcpuRef
+from vcpusched.model import HostSample, Snapshot, Vcpu
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +14,6 @@ log = logging.getLogger(__name__)
 # measures for a vCPU that never idles (counters of different precision jitter by ±1-3 points
 # over 2 s), so a starved vCPU is not mistaken for a satisfied one by noise alone.
 SATISFIED_SLEEP = 10.0
-# Samples a floating vCPU whose demand is uncertain is measured over before it is placed. On
-# the lab a 50% guest sharing full pCPUs with 100% ones idles in bursts (0-5 points in one
-# 2-second interval, none in the next three): the median of 3 samples ranked the two kinds
-# right in 26 of 38 windows, the mean of 8 in 32 of 33.
-PLACE_SAMPLES = 8
 
 
 def _percent(delta_ns: int, elapsed_s: float) -> float:
@@ -70,7 +60,7 @@ def snapshot(
             )
         )
     vcpus.sort(key=lambda v: v.ref)
-    return Snapshot(util=util, vcpus=tuple(vcpus))
+    return Snapshot(util=util, vcpus=tuple(vcpus), topology=after.topology, memory=after.memory)
 
 
 def _demand(received: float, wait: float) -> float:
@@ -86,142 +76,3 @@ def _demand(received: float, wait: float) -> float:
     sleep = max(0.0, 100.0 - received - wait)
     starved = max(0.0, 1.0 - sleep / SATISFIED_SLEEP)
     return min(100.0, received + wait * starved)
-
-
-class Smoother:
-    """Steadies vCPU loads across cycles, and estimates how noisy each one is.
-
-    Each vCPU's load and demand are averaged exponentially, so noise shrinks while the level
-    stays; a change larger than the noise (a guest starting a job) resets the average at once,
-    so real changes still show within one cycle. The noise estimate, the median step between
-    consecutive raw demands, is robust to those occasional jumps.
-
-    A floating vCPU (one that may run on several pCPUs) is different: it is about to be
-    placed once, and a wrong placement sticks, because once both pCPUs are full nothing
-    measured tells a vCPU that wants 100 from one that wants 50 (on the lab both run about
-    half the time and wait the rest, and only the lighter one idles, a few points in each
-    interval). So its demand is the mean of its raw demands since it began to float (a
-    median, or a trimmed mean, drops the light one's bursts of idle, which are all that tells
-    it apart), and one that was ever short of time is held back (`settling`) until
-    PLACE_SAMPLES of them are in. Meanwhile the kernel balances it, as before the agent ran.
-    """
-
-    ALPHA = 0.3
-    HISTORY = 8
-    # Median of |X1 - X2| for two independent normal draws, in units of their sigma.
-    MEDIAN_STEP = 0.954
-    # The sigma of an exponential average of independent values, relative to theirs, once
-    # it has run long (`_shrink` gives it after n samples).
-    SHRINK = (ALPHA / (2 - ALPHA)) ** 0.5
-    JUMP_SIGMAS = 4.0
-    # Until a vCPU has PRIOR_SAMPLES readings no step of its own tells how noisy it is, and
-    # its pCPU's load is taken to be this noisy (one figure per pCPU, however many vCPUs are
-    # new there): a few times what the lab's guests show per reading (0.3-0.9). Without it a
-    # freshly started agent took its first readings for exact, and on a shared host swapped
-    # two equal 40% guests of a balanced pinning it had just adopted.
-    PRIOR_NOISE = 2.0
-    PRIOR_SAMPLES = 3
-
-    def __init__(self) -> None:
-        self._state: dict[VcpuRef, _State] = {}
-
-    def forget(self) -> None:
-        self._state.clear()
-
-    def update(self, snapshot: Snapshot, min_jump: float) -> Snapshot:
-        """Steadied loads for `snapshot`; a change above `min_jump` (and the noise) resets."""
-        state: dict[VcpuRef, _State] = {}
-        vcpus = []
-        shift: dict[int, float] = defaultdict(float)
-        unknown: set[int] = set()  # pCPUs holding a vCPU whose noise is not known yet
-        for vcpu in snapshot.vcpus:
-            prior = self._state.get(vcpu.ref)
-            floating = vcpu.pcpu is None
-            if prior is not None and floating and prior.affinity != vcpu.affinity:
-                prior = None  # began to float just now: what came before says nothing
-            short = vcpu.demand > vcpu.received + SHORT
-            if prior is None:
-                now = _State(vcpu.received, vcpu.demand, [vcpu.demand], vcpu.affinity, short)
-            else:
-                load, demand, history = prior.load, prior.demand, prior.history
-                noise = prior.noise()
-                jump = max(self.JUMP_SIGMAS * noise, min_jump)
-                carried = prior.carried
-                # The received load jumps on its own when a move ends contention: follow it
-                # at once too, or the pCPU it left would look busier than it is.
-                if abs(vcpu.demand - demand) > jump or abs(vcpu.received - load) > jump:
-                    load, demand = vcpu.received, vcpu.demand
-                    averaged = 0
-                    if not floating:
-                        # A new level: steps across the jump are not noise (counted as such,
-                        # a vCPU whose demand a move revealed looked noisy for cycles after),
-                        # so the noise known before it stands until new steps replace it.
-                        history, carried = [], noise
-                else:
-                    load += self.ALPHA * (vcpu.received - load)
-                    demand += self.ALPHA * (vcpu.demand - demand)
-                    averaged = prior.averaged + 1
-                history = [*history[-(self.HISTORY - 1) :], vcpu.demand]
-                now = _State(
-                    load,
-                    demand,
-                    history,
-                    vcpu.affinity,
-                    prior.short or short,
-                    carried,
-                    averaged,
-                    min(prior.seen + 1, self.PRIOR_SAMPLES),
-                )
-            noise = now.noise() * _shrink(now.averaged)
-            state[vcpu.ref] = now
-            pcpu = vcpu.pcpu
-            if pcpu is not None:
-                shift[pcpu] += now.load - vcpu.received
-                if now.seen < self.PRIOR_SAMPLES:
-                    unknown.add(pcpu)
-            demand = statistics.fmean(now.history) if floating else now.demand
-            vcpus.append(
-                replace(
-                    vcpu,
-                    received=now.load,
-                    demand=demand,
-                    noise=noise,
-                    settling=floating and now.short and len(now.history) < PLACE_SAMPLES,
-                )
-            )
-        self._state = state
-        # What a pCPU holds beyond its pinned vCPUs (host work) stays as measured; only the
-        # vCPUs' part of its utilization is replaced by their steadied loads.
-        util = {p: min(100.0, max(0.0, u + shift[p])) for p, u in snapshot.util.items()}
-        pcpu_noise = {p: self.PRIOR_NOISE for p in unknown if p in util}
-        return Snapshot(util=util, vcpus=tuple(vcpus), pcpu_noise=pcpu_noise)
-
-
-@dataclass(slots=True)
-class _State:
-    load: float
-    demand: float
-    history: list[float]  # raw demands, the latest last
-    affinity: frozenset[int]
-    short: bool  # short of time in some interval of `history`
-    carried: float = 0.0  # the noise from before the last jump, until `history` can tell
-    averaged: int = 0  # samples averaged in since the level was last set from one sample
-    seen: int = 1  # samples since it was first seen, up to Smoother.PRIOR_SAMPLES
-
-    def noise(self) -> float:
-        measured = _step_sigma(self.history) if len(self.history) >= 3 else 0.0
-        # A few steps can look calm by chance: the noise known before stays a floor until a
-        # full history can speak for itself.
-        return measured if len(self.history) >= Smoother.HISTORY else max(measured, self.carried)
-
-
-def _shrink(averaged: int) -> float:
-    """Sigma of the average, relative to one sample's, `averaged` samples after it was set
-    from a single one: right after a jump the level is one raw sample, as noisy as any."""
-    kept = (1.0 - Smoother.ALPHA) ** (2 * averaged)
-    return math.sqrt(kept + Smoother.SHRINK**2 * (1.0 - kept))
-
-
-def _step_sigma(history: list[float]) -> float:
-    steps = [abs(b - a) for a, b in itertools.pairwise(history)]
-    return statistics.median_low(steps) / Smoother.MEDIAN_STEP

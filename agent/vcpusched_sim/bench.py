@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vcpusched.config import Config, ConfigError, load_config, override
 from vcpusched.model import Move, Plan, Snapshot, VcpuRef, format_cpus
-from vcpusched.policy import Balancer
+from vcpusched.policy import Balancer, Planner
 from vcpusched.service import Agent
 from vcpusched_sim.baselines import (
     BASELINES,
@@ -29,10 +29,13 @@ from vcpusched_sim.baselines import (
     plan_optimum,
 )
 from vcpusched_sim.host import DomainSpec, SimHost
+from vcpusched_sim.previous import PreviousBalancer
 from vcpusched_sim.scenarios import SCENARIOS, Scenario
 
 OURS = "vcpusched"
-POLICIES = (OURS, "static", "no-pin", "greedy", "optimum")
+# The policy before the one objective, for its row beside the new one's.
+PREVIOUS = "previous"
+POLICIES = (OURS, PREVIOUS, "static", "no-pin", "greedy", "optimum")
 QUICK_CYCLES = 60
 # A pCPU set this balanced counts as converged: SD within 1% of the mean load, or within
 # one point of what the optimum placement shows at the same moment.
@@ -54,20 +57,29 @@ STEADY_MS = {1000: 20.0, 4000: 100.0}  # plan time medians, by vCPUs
 # -- running -------------------------------------------------------------------------------
 
 
-class _TimedBalancer(Balancer):
-    """The agent's own balancer, handed to it with a clock that times each plan."""
+class _Timed:
+    """A policy handed to the agent with a clock that times each of its plans."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.process_time) -> None:
-        super().__init__(config)
+    def __init__(self, planner: Planner, clock: Callable[[], float] = time.process_time) -> None:
+        self.planner = planner
         self.clock = clock
         self.spent = 0.0
+
+    def reconfigure(self, config: Config) -> None:
+        self.planner.reconfigure(config)
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         start = self.clock()
         try:
-            return super().plan(snapshot, online)
+            return self.planner.plan(snapshot, online)
         finally:
             self.spent += self.clock() - start
+
+    def applied(self, moves: Sequence[Move]) -> None:
+        self.planner.applied(moves)
+
+    def forget(self) -> None:
+        self.planner.forget()
 
 
 class _AgentController:
@@ -78,7 +90,8 @@ class _AgentController:
             config, interval=scenario.interval, exclude=scenario.exclude, cpus=scenario.cpus
         )
         self.name = name
-        self.balancer = _TimedBalancer(config)
+        planner: Planner = PreviousBalancer(config) if name == PREVIOUS else Balancer(config)
+        self.balancer = _Timed(planner)
         self.agent = Agent(host, config, self.balancer)
         self.moves: list[Move] = []
 
@@ -93,7 +106,7 @@ class _AgentController:
 
 
 def _controller(name: str, host: SimHost, scenario: Scenario, config: Config) -> Controller:
-    if name == OURS:
+    if name in (OURS, PREVIOUS):
         return _AgentController(host, scenario, config, name)
     if name == Optimum.name:
         return Optimum(host, scenario.scope())
@@ -586,7 +599,7 @@ def _row(result: Result) -> list[str]:
     shown = result.minimum if result.policy == OURS else None
     minimum = "" if shown is None else f" ({shown})"
     after = "-" if result.moves_after is None else str(result.moves_after)
-    timed = result.policy == OURS
+    timed = result.policy in (OURS, PREVIOUS)
     plan = f"{result.decide_ms[0]:.2f}/{result.decide_ms[1]:.2f}" if timed else ""
     name = result.policy if result.exact else f"{result.policy}~"
     return [
@@ -727,6 +740,8 @@ done rather than CPU time: `make bench-topology`, [benchmark-topology.md](benchm
 ## Policies
 
 - `vcpusched`: the agent, unchanged.
+- `previous`: the agent's policy before it had one objective (noise margin, cooldown, settling
+  gate, "nothing onto a full pCPU"), kept in `vcpusched_sim.previous` for this comparison.
 - `static`: round-robin pinning over the managed pCPUs, set once when a vCPU first appears.
 - `no-pin`: every managed vCPU allowed on every managed pCPU, the kernel balancer doing the rest.
 - `greedy`: whenever the SD of pCPU utilization exceeds 5, re-pin every vCPU by the greedy
@@ -760,8 +775,8 @@ are managed and measured.
   as one). For `vcpusched`, in brackets: the fewest pin changes that reach the optimum's balance
   from the placement the agent had at each epoch's start (searched exactly; blank when too big).
 - **pins after**: pin changes after convergence, to the end of each epoch.
-- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in `Balancer.plan`
-  (handed to the agent with a clock, as `Agent(host, config, balancer)`), and in
+- **plan ms**, **CPU ms**: median/max per cycle of the CPU time spent in the policy's `plan`
+  (handed to the agent with a clock, as `Agent(host, config, planner)`), and in
   the whole cycle (`Agent.step` for the agent: sampling the simulated host, load arithmetic,
   plan, pins, log lines). Process CPU time, so other work on the machine inflates it little.
 

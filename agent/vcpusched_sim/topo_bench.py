@@ -396,8 +396,9 @@ edit by hand, re-run it. The other benchmark, of the policy's objective on a fla
 
 ## Policies
 
-- `vcpusched`: the agent fed the topology and numatune; `flat`: the same agent shown one flat
-  node (topology ignored). While the policy ignores topology the two rows are the same.
+- `vcpusched`: the agent fed the topology and numatune, planning node by node
+  (`vcpusched.capacity`); `flat`: the same agent shown one flat node, which it plans as the
+  objective policy alone does (topology ignored): the "before".
 - `no-pin`: every vCPU on every online CPU. `greedy`: topology-blind greedy partition of the
   measured demand, re-pinned whenever pCPU utilization spreads by SD > 5.
 - `optimum`: the placement with the most predicted work under the rules (strict nodesets kept,

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from tests.lab.lab import URI, PinChange, PinWatcher, StatSampler, format_cpus, sd
+from tests.lab.lab import URI, LabError, PinChange, PinWatcher, StatSampler, format_cpus, sd
 
 INTERVAL = 2.0  # seconds; TCG guests and a 2-core host make shorter windows noisy
 AUDIT_EVENTS = ("move", "place", "restore")
@@ -303,6 +303,20 @@ class Judge:
 
     def foreign(self, start: float, end: float) -> float:
         return self.stat.foreign(start, end)
+
+    def received(self, start: float, end: float, prefix: str = "") -> dict[str, float]:
+        """CPU time each running guest received in the window (% of one pCPU), from libvirt's
+        counters as sampled by the judge, not from the agent."""
+        inside = [s for s in self.stat.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            raise LabError(f"no samples between {start:.1f} and {end:.1f}")
+        first, last = inside[0], inside[-1]
+        span = last[0] - first[0]
+        return {
+            name: (ns - first[2][name]) / 1e9 / span * 100
+            for name, ns in last[2].items()
+            if name in first[2] and name.startswith(prefix)
+        }
 
     def sd(self, start: float, end: float) -> float:
         return sd(self.util(start, end).values())

@@ -46,7 +46,7 @@ from tests.lab.lab import (
     read_proc_stat,
     utilization,
 )
-from vcpusched.stats import PLACE_SAMPLES
+from vcpusched.estimate import PLACE_SAMPLES
 
 pytestmark = pytest.mark.lab
 
@@ -291,6 +291,59 @@ def test_more_guests_mixed_loads(vmlab: Lab, tmp_path: Path, scenario: str) -> N
     run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "mixed-6", specs)
     assert_converged(run)
     assert_settled(run)
+
+
+def test_a_bursty_guest_beside_steady_ones(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
+    """A guest that alternates 100% and 0% every second beside steady ones: the agent judges
+    it by its spread over the window, evens the steady ones around it (90 beside 70: one swap
+    of the 40 and the 30 makes 80 and 80), and then holds."""
+    if N < 2:
+        pytest.skip("needs two pCPUs")
+    a, b = PCPUS[0], PCPUS[1]
+    specs = [("100:1,0:1", a), (40, a), (30, b), (40, b)]
+    run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "bursty", specs)
+    assert run.changes_total <= 2, f"pins changed {run.changes_total} times"
+    assert_settled(run)
+
+
+def test_oversubscribed_four_to_one(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
+    """Five guests each wanting a whole pCPU, pinned four to one: the fair end is three and
+    two, where the worst-off guests get a third of what the pCPUs give guests (they got a
+    quarter) and the best-off a half.
+
+    With the host saturated, QEMU's own threads float over both pCPUs and take a share the
+    guests' counters do not show, so the judge compares the guests' received time with each
+    other and with the start, not with a whole pCPU; and the host is checked quiet before the
+    guests boot, since once they run it is full by design.
+    """
+    if N != 2:
+        pytest.skip("the case is two pCPUs")
+    specs = [(100, PCPUS[0])] * 4 + [(100, PCPUS[1])]
+    run = Run("oversubscribed", [load for load, _ in specs])
+    wait_quiet_host()
+    start_guests(vmlab, scenario, specs)
+    config = write_config(tmp_path / "vcpusched.yaml", **config_settings(tmp_path))
+    with Judge() as judge:
+        time.sleep(1.0 + BEFORE)
+        now = time.monotonic()
+        before = judge.received(now - BEFORE, now, scenario)
+        run.extra["foreign_before"] = round(judge.foreign(now - BEFORE, now), 1)
+        agent = Agent(config)
+        try:
+            budget_end = settle(judge, agent, run, agent.started, scenario)
+            after = judge.received(budget_end, budget_end + HOLD * INTERVAL, scenario)
+            counts = count_per_pcpu(judge.current_pins(scenario))
+        finally:
+            finish(vmlab, judge, agent, run)
+    run.extra["received_before"] = {k: round(v, 1) for k, v in sorted(before.items())}
+    run.extra["received_after"] = {k: round(v, 1) for k, v in sorted(after.items())}
+    record_result(vmlab, f"e2e-{run.name}", run.result())
+    assert sorted(counts.values()) == [2, 3], counts
+    # Max-min fair: the worst-off gain a third over four-to-one (1/3 against 1/4), and the
+    # best-off about 1.5 times what they get (1/2 against 1/3); four to one, it was 4 times.
+    assert min(after.values()) >= 1.2 * min(before.values()), (before, after)
+    assert max(after.values()) <= 1.8 * min(after.values()), after
+    assert run.changes_after == 0, f"pin changes after convergence: {run.extra['after']}"
 
 
 def test_loads_change_mid_run(vmlab: Lab, tmp_path: Path, scenario: str) -> None:

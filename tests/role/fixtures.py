@@ -44,6 +44,7 @@ def config_document(variables: dict[str, Any]) -> dict[str, Any]:
             "low": merged["vcpusched_thresholds_low"],
         },
         "min_gain": merged["vcpusched_min_gain"],
+        "smt_pair_capacity": merged["vcpusched_smt_pair_capacity"],
         "exclude": merged["vcpusched_exclude"],
         "cpus": merged["vcpusched_cpus"],
         "uri": merged["vcpusched_uri"],

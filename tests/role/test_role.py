@@ -45,6 +45,7 @@ BASE: dict[str, Any] = {
     "vcpusched_thresholds_target": 75,
     "vcpusched_thresholds_low": 60,
     "vcpusched_min_gain": 4.5,
+    "vcpusched_smt_pair_capacity": 1.4,
     "vcpusched_exclude": ["db-*", "build host"],
     "vcpusched_cpus": "0",
     "vcpusched_dry_run": True,

@@ -5,13 +5,11 @@ On the real lab, with other jobs (nice 5 and 19) keeping pCPU1 busy, the agent l
 (tests/e2e/test_faults.py::test_libvirtd_killed_and_restarted, 2026-12-01). A pCPU full of
 host work and no vCPU is "full" to the policy, so nothing moves there; but under a fair
 scheduler a vCPU moved there from a pCPU it shares with three others gets more time, not
-less, whatever the priority of that host work. The policy (issue 10's) decides; this test
-holds the fault until it does.
+less, whatever the priority of that host work. The policy now counts host work as sharing
+the pCPU fairly with the vCPUs moved beside it, not as a wall.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from vcpusched.config import Config
 from vcpusched.model import HostSample
@@ -40,11 +38,6 @@ class _BusyHost(SimHost):
         return HostSample(sample.clock, busy, sample.vcpus)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy (issue 10): a pCPU full of host work counts as full, so vCPUs short of "
-    "time elsewhere stay piled up",
-)
 def test_vcpus_piled_on_one_pcpu_spread_beside_host_work() -> None:
     pcpu0 = frozenset({0})
     host = _BusyHost(2, [DomainSpec(f"vm{i}", (constant(40),), (pcpu0,)) for i in range(4)])

@@ -83,6 +83,11 @@ def test_values_and_coercions() -> None:
         ({"syslog_facility": "kern"}, "syslog_facility: expected one of daemon, user, local0,"),
         ({"uri": ""}, "uri: expected a non-empty string, got ''"),
         ({"min_gain": -1}, "min_gain: must be at least 0 and at most 100, got -1"),
+        (
+            {"smt_pair_capacity": 2.5},
+            "smt_pair_capacity: must be at least 1 and at most 2, got 2.5",
+        ),
+        ({"smt_pair_capacity": "1.25"}, "smt_pair_capacity: expected a number, got '1.25'"),
         ({"metrics": "on"}, "metrics: expected a mapping of textfile_dir and listen"),
         (
             {"metrics": {"textfile_dir": "prom"}},

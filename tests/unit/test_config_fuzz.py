@@ -17,6 +17,7 @@ KEYS = [
     "interval",
     "thresholds",
     "min_gain",
+    "smt_pair_capacity",
     "exclude",
     "cpus",
     "uri",

@@ -73,7 +73,9 @@ def test_cpu_list_errors(spec: str, message: str) -> None:
         validate({"cpus": spec})
 
 
-@pytest.mark.parametrize("key", ["interval", "min_gain", "thresholds.high", "thresholds.low"])
+@pytest.mark.parametrize(
+    "key", ["interval", "min_gain", "smt_pair_capacity", "thresholds.high", "thresholds.low"]
+)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinities_rejected_everywhere(key: str, value: float) -> None:
     document: dict[str, object] = {key: value}

@@ -92,7 +92,8 @@ def test_values_are_the_agents_state(tmp_path: Path) -> None:
     moved = sum(m["vcpusched_pin_changes_total"].values())
     assert moved == host.pin_changes > 0
     util = {dict(k)["pcpu"]: v for k, v in m["vcpusched_pcpu_utilization_ratio"].items()}
-    assert util == pytest.approx({"0": 0.5, "1": 0.6}, abs=0.01)
+    # 50 + 10 beside 30 + 20, or the other way round: whichever the policy picks.
+    assert sorted(util.values()) == pytest.approx([0.5, 0.6], abs=0.01)
     assert m["vcpusched_imbalance_ratio"][()] == pytest.approx(0.05, abs=0.01)
     assert m["vcpusched_domains"][(("state", "managed"),)] == 4
     assert m["vcpusched_cycle_duration_seconds_count"][()] == 6

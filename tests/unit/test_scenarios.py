@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vcpusched.estimate import PLACE_SAMPLES
 from vcpusched.model import VcpuRef
-from vcpusched.stats import PLACE_SAMPLES
 from vcpusched_sim import bench
 from vcpusched_sim.baselines import (
     best_partition,
@@ -117,7 +117,9 @@ def test_resized_scenario_scales_its_events() -> None:
 def test_classic_case_converges_at_once_with_the_fewest_pins(name: str) -> None:
     result = ran(name).results[OURS]
     # Unpinned vCPUs short of time are measured over PLACE_SAMPLES intervals before placing.
-    expected = 0 if name.startswith("round-robin") else 1
+    # Pinned ones that share a full pCPU read bounds: nothing is judged on one reading, and a
+    # pCPU that takes a guess takes no more in that plan, so they spread over two plans.
+    expected = {"round": 0, "unpinned": 1, "pinned": 3, "alternating": 3}[name.split("-")[0]]
     if name.startswith("unpinned-heavy-light"):
         expected = PLACE_SAMPLES
     assert result.converge == expected
@@ -166,9 +168,8 @@ def test_fewer_vcpus_than_pcpus_get_a_pcpu_each() -> None:
 # Cycles to converge. Where a load rises past what its pCPU can give (phases), the vCPUs
 # sharing it never idle and read as wanting a whole pCPU each, as on a real host: the first
 # move gives one room, the next cycle shows what it really wants, and a last step may follow.
-# At start no vCPU's noise is known, so a fine step waits for the third reading (multi-vcpu's
-# last 15-point gap is within the prior noise before it).
-CYCLES = {"multi-vcpu": 3, "excluded": 2, "phases": 3, "churn": 2}
+# Nothing is judged on one reading, and a gain's uncertainty is a prior until the third.
+CYCLES = {"multi-vcpu": 3, "excluded": 4, "phases": 4, "churn": 2, "mixed-full": 4}
 
 
 @pytest.mark.parametrize("name", sorted(CYCLES))
@@ -211,12 +212,40 @@ def test_restricted_cpus_are_the_only_ones_used() -> None:
 
 
 def test_large_host_is_balanced_like_the_greedy_bound() -> None:
-    run = ran("large", cycles=6)
+    run = ran("large", cycles=24)
     ours, best = run.results[OURS], run.results["optimum"]
     assert not best.exact  # too large for the exact search
     assert ours.converge is not None
-    assert ours.converge <= 4  # half its vCPUs start starved (see CYCLES), then one last step
+    # Half its vCPUs start starved (see CYCLES) and each plan judges a bounded number of steps.
+    assert ours.converge <= 9
     assert ours.sd <= best.sd + 1.0
+
+
+@pytest.mark.parametrize("name", ["bursty-50", "bursty-100", "bursty-duty", "bursty-slow"])
+def test_bursty_guests_are_never_worse_off_than_left_alone(name: str) -> None:
+    run = ran(name, cycles=120, policies=(OURS, "static"))
+    ours, alone = run.results[OURS], run.results["static"]
+    assert ours.sd <= alone.sd + 0.05
+    assert ours.unmet <= alone.unmet + 0.2  # the first cycles may guess (see docs/benchmark.md)
+    assert sum(run.traces[OURS].moves[31:]) <= 2  # pins hold once the window has seen it
+
+
+def test_twenty_percent_noise_on_a_balanced_host_moves_nothing() -> None:
+    assert sum(ran("noise-20", cycles=300).traces[OURS].moves) == 0
+
+
+@pytest.mark.parametrize("name", ["oversubscribed", "oversubscribed-2"])
+def test_more_demand_than_the_host_has_ends_max_min_fair(name: str) -> None:
+    run = ran(name, cycles=20)
+    ours, best = run.traces[OURS].worst, run.traces["optimum"].worst
+    assert all(ours[c] >= best[c] - 2.0 for c in range(5, len(ours)))
+
+
+@pytest.mark.parametrize("name", ["mixed-full", "mixed-full-2"])
+def test_from_one_full_pcpu_at_most_one_pin_more_than_the_minimum(name: str) -> None:
+    result = ran(name).results[OURS]
+    assert result.minimum is not None
+    assert result.moves_to <= result.minimum + 1
 
 
 @pytest.mark.parametrize("name", ["noise", "round-robin-noise", "phases-noise"])

@@ -7,13 +7,11 @@ import re
 
 import pytest
 
-from vcpusched import policy
 from vcpusched.config import Config
 from vcpusched.host import DomainGone
 from vcpusched.model import HostSample, VcpuRef
 from vcpusched.service import Agent
 from vcpusched_sim.host import DomainSpec, SimHost, constant
-from vcpusched_sim.host import phased as sim_phased
 
 ALL = frozenset({0, 1})
 
@@ -66,7 +64,7 @@ def test_a_domain_gone_between_sample_and_pin_is_one_line(
 def test_restore_puts_back_first_seen_pins() -> None:
     host = _host(40, 40, 40, 40, pin=frozenset({0}))
     agent = Agent(host, Config())
-    _run(agent, host, 3)
+    _run(agent, host, 6)
     pins = {ref: c.affinity for ref, c in host.sample().vcpus.items()}
     assert sorted(len([p for p in pins.values() if p == {n}]) for n in (0, 1)) == [2, 2]
     agent.restore()
@@ -79,7 +77,9 @@ def test_dry_run_logs_a_plan_once_and_pins_nothing(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="vcpusched"):
         _run(agent, host, 8)
     moves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("move ")]
-    assert len(moves) == 2
+    # The host does not change, so the same plan comes every cycle and is logged once: one
+    # move, since a pCPU that takes a vCPU whose demand is a guess takes no more in a plan.
+    assert len(moves) == 1
     assert all(m.endswith(" dry_run=1") for m in moves)
     assert host.pin_changes == 0
 
@@ -110,43 +110,16 @@ def test_restore_skips_a_vcpu_already_back_home() -> None:
     assert host.pin_calls == calls + len(moved) - 1
 
 
-def test_a_reloaded_min_gain_reaches_the_smoothing() -> None:
-    # A 40 -> 50 step clears the default 5-point reset and would show at once; after a reload
-    # to min_gain 20 it is averaged in instead.
-    host = SimHost(2, [DomainSpec("vm0", (sim_phased((0.0, 40.0), (5.0, 50.0)),), (ALL,))])
-    agent = Agent(host, Config())
-    _run(agent, host, 4)
-    agent.reconfigure(Config(min_gain=20.0))
-    _run(agent, host, 3)  # the last cycle measures the first second at 50
-    assert agent.snapshot is not None
-    assert agent.plan is not None
-    (vm0,) = agent.snapshot.vcpus
-    assert vm0.demand == pytest.approx(50)  # measured
-    assert vm0.pcpu is not None
-    assert 42 < agent.plan.pcpu_demand[vm0.pcpu] < 46  # what the policy believes
-
-
-def test_moved_vcpus_are_held_by_the_balancers_cooldown() -> None:
+def test_a_reload_reaches_the_balancer() -> None:
     host = _host(40, 40, 40, 40, pin=frozenset({0}))
-    agent = Agent(host, Config())
-    _run(agent, host, 2)  # the first cycle only samples; the second moves two vCPUs off 0
-    moved = sorted(agent.changed)
-    assert len(moved) == 2
-    # Four 40s fill pCPU0: the moves off it were made from a full pCPU.
-    left = agent.balancer._left
-    assert all([(p, full) for _, p, full in left[ref]] == [(0, True)] for ref in moved)
-    _run(agent, host, policy.COOLDOWN + 1)
-    assert not agent.balancer._left
-
-
-def test_a_guest_starting_or_stopping_ends_every_cooldown() -> None:
-    host = _host(40, 40, 40, 40, pin=frozenset({0}), stop=5.0)
-    agent = Agent(host, Config())
+    agent = Agent(host, Config(dry_run=True))
     _run(agent, host, 3)
-    assert agent.balancer._left, "the first moves start cooldowns"
-    _run(agent, host, 4)  # vm0 stops at 5 s
-    assert "vm0" not in {ref.domain for ref in agent.original}
-    assert not agent.balancer._left
+    assert agent.plan is not None
+    assert agent.plan.moves
+    agent.reconfigure(Config(dry_run=True, cpus=frozenset({0})))
+    _run(agent, host, 2)
+    assert agent.balancer.config is agent.config
+    assert agent.plan.moves == ()  # pCPU1 is no longer the agent's to use
 
 
 def test_audit_lines_name_demands_and_the_reason(caplog: pytest.LogCaptureFixture) -> None:

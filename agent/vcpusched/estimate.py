@@ -1,0 +1,183 @@
+"""Each vCPU's demand as an estimate over a window of readings: pure arithmetic, no I/O.
+
+A reading of a vCPU that idled is exact: it got all it wanted, so its demand is what it
+received. A reading of a vCPU that is `short` of time (it never idled) is a bound: it wanted at
+least what it received and at most all the time it was runnable. So the estimator remembers
+exact readings, and reads a bound as the largest remembered exact value that the bound allows
+(the demand seen when it last had room), or as its top, marked a guess, when none does.
+
+A vCPU is then known by its series of estimated demands over the last WINDOW intervals, the
+same intervals for every vCPU, so that a placement can be judged interval by interval: two
+vCPUs that burst in turn add up to a steady pCPU, two that burst together do not.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from vcpusched.model import Snapshot, Vcpu, VcpuRef
+
+# Intervals a vCPU is judged over: long enough to hold a few periods of a guest that bursts
+# every few intervals, short enough that a real change of load has moved the level within a few
+# cycles (the plan reacts to the series, not to its mean alone).
+WINDOW = 16
+# Demand above what it received by more than this (points): the vCPU was short of time. The
+# one definition of `short`, used for readings and for pCPUs alike.
+SHORT = 1.0
+# A vCPU's level has changed when its latest reading leaves the spread of the readings before
+# it by this many standard deviations (of the difference of the two means), and by at least
+# JUMP_POINTS: from then on only the readings since the change describe it. A vCPU that bursts
+# shows its spread in its window, and its bursts stay within it.
+JUMP_SIGMAS = 4.0
+JUMP_POINTS = 2.0
+# Readings a level needs before a jump from it counts: until then its spread is unknown. (On
+# the lab, bound readings of guests sharing a full pCPU wander between 85 and 100, and with
+# one reading to go by each step looked like a new level, which put off the first move.)
+LEVEL_READINGS = 3
+# Readings a floating vCPU that reads short is measured over before it is placed. On the lab a
+# 50% guest sharing full pCPUs with 100% ones idles in bursts, and only the mean of several
+# intervals ranks the two kinds apart (see docs/policy-history.md).
+PLACE_SAMPLES = 8
+
+
+def short(vcpu: Vcpu) -> bool:
+    """Whether this reading of `vcpu` is a bound: it never idled, so it may have wanted more.
+    One that received a whole pCPU never idled either."""
+    return vcpu.demand > vcpu.received + SHORT or vcpu.received >= 100.0 - SHORT
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """One vCPU's estimated demand, interval by interval over the window (oldest first)."""
+
+    series: tuple[float, ...]
+    # Readings taken of it (the series is padded with its first reading before that).
+    readings: int
+    # Its latest reading is a bound: what it would use with more room is a guess.
+    guess: bool
+    # A floating vCPU still being measured before it is placed.
+    measuring: bool = False
+
+    @property
+    def mean(self) -> float:
+        return sum(self.series) / len(self.series)
+
+    @property
+    def flat(self) -> bool:
+        """The same in every interval: one interval tells all."""
+        first = self.series[0]
+        return all(x == first for x in self.series)
+
+
+@dataclass(slots=True)
+class _History:
+    affinity: frozenset[int]
+    # (received, demand, short) per reading, the latest last.
+    readings: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    # The latest exact reading, kept after it has left the window.
+    exact: float | None = None
+    # Where in `readings` the current level began (its latest change).
+    start: int = 0
+
+
+class Estimator:
+    """Keeps each vCPU's readings; `update` turns a snapshot into estimates."""
+
+    def __init__(self) -> None:
+        self._history: dict[VcpuRef, _History] = {}
+        self._intervals = 0
+
+    def forget(self) -> None:
+        self._history.clear()
+        self._intervals = 0
+
+    @property
+    def intervals(self) -> int:
+        """The length of every series: intervals seen, up to WINDOW."""
+        return self._intervals
+
+    def update(self, snapshot: Snapshot) -> dict[VcpuRef, Estimate]:
+        self._intervals = min(self._intervals + 1, WINDOW)
+        history: dict[VcpuRef, _History] = {}
+        out: dict[VcpuRef, Estimate] = {}
+        for vcpu in snapshot.vcpus:
+            kept = self._history.get(vcpu.ref)
+            floating = vcpu.pcpu is None
+            if kept is None or (floating and kept.affinity != vcpu.affinity):
+                # New, or it began to float just now: what came before says nothing of the
+                # partition it is about to be placed in.
+                kept = _History(vcpu.affinity)
+            kept.affinity = vcpu.affinity
+            is_short = short(vcpu)
+            if len(kept.readings) == WINDOW:
+                kept.start = max(0, kept.start - 1)
+            kept.readings.append((vcpu.received, vcpu.demand, is_short))
+            if not is_short:
+                kept.exact = vcpu.demand
+            history[vcpu.ref] = kept
+            out[vcpu.ref] = self._estimate(kept, floating)
+        self._history = history
+        return out
+
+    def _estimate(self, kept: _History, floating: bool) -> Estimate:
+        readings = kept.readings
+        known = [d for _, d, s in readings if not s]
+        if kept.exact is not None:
+            known.append(kept.exact)
+        values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
+        kept.start = _level_start(values, kept.start)
+        level = values[kept.start :]
+        # Before its level changed the vCPU was another one: its current level, repeated,
+        # stands in for those intervals.
+        pad = self._intervals - len(level)
+        series = tuple(level[i % len(level)] for i in range(-pad, 0)) + tuple(level)
+        is_short = readings[-1][2]
+        ever_short = any(s for _, _, s in readings)
+        return Estimate(
+            series=series,
+            readings=len(level),
+            guess=is_short,
+            measuring=floating and ever_short and len(readings) < PLACE_SAMPLES,
+        )
+
+
+def _level_start(values: list[float], start: int) -> int:
+    """Where the current level of `values` begins: a jump at the latest reading beyond all the
+    window has seen starts a new one; a jump that the readings since no longer bear out is
+    forgotten."""
+    n = len(values)
+    known = n - 1 - start  # readings of the current level before the latest
+    if (
+        known >= LEVEL_READINGS
+        and _jumps(values[start:-1], values[-1:])
+        and _outside(values[:-1], values[-1])
+    ):
+        return n - 1
+    if start > 0 and not _jumps(values[:start], values[start:]):
+        return 0
+    return start
+
+
+def _outside(before: list[float], x: float) -> bool:
+    """Whether `x` lies beyond every reading before it: a vCPU that bursts returns within."""
+    return x > max(before) + JUMP_POINTS or x < min(before) - JUMP_POINTS
+
+
+def _jumps(before: list[float], after: list[float]) -> bool:
+    """Whether the mean of `after` differs from that of `before` beyond their spread."""
+    m1, m2 = sum(before) / len(before), sum(after) / len(after)
+    ss = sum((x - m1) ** 2 for x in before) + sum((x - m2) ** 2 for x in after)
+    free = len(before) + len(after) - 2
+    sd = (ss / free) ** 0.5 if free > 0 else 0.0
+    bar = JUMP_SIGMAS * sd * (1 / len(before) + 1 / len(after)) ** 0.5
+    return bool(abs(m2 - m1) > max(bar, JUMP_POINTS))
+
+
+def _read_bound(received: float, demand: float, known: Iterable[float]) -> float:
+    """A short reading's demand: the largest exact reading it allows, else its top, all the
+    time it was runnable. That top is a guess: the policy never lets it crowd out a vCPU whose
+    demand is known, and a pCPU that takes one takes nothing more until its next reading."""
+    inside = [k for k in known if received - SHORT <= k <= demand]
+    return max(inside) if inside else demand

@@ -1,0 +1,93 @@
+"""Demand estimates from a window of readings: bounds, exact readings, levels and bursts."""
+
+from __future__ import annotations
+
+import pytest
+
+from vcpusched.estimate import PLACE_SAMPLES, WINDOW, Estimator, short
+from vcpusched.model import Snapshot, Vcpu, VcpuRef
+
+A, B = VcpuRef("a", 0), VcpuRef("b", 0)
+ON0 = frozenset({0})
+
+
+def reading(ref: VcpuRef, received: float, demand: float, affinity: frozenset[int] = ON0) -> Vcpu:
+    return Vcpu(ref, received, demand, affinity)
+
+
+def feed(estimator: Estimator, *readings: list[Vcpu]) -> dict[VcpuRef, tuple[float, ...]]:
+    out = {}
+    for vcpus in readings:
+        out = {r: e.series for r, e in estimator.update(Snapshot({0: 100.0}, tuple(vcpus))).items()}
+    return out
+
+
+def test_short_is_one_predicate_for_bounds() -> None:
+    assert short(reading(A, 50, 100))  # waited: wanted more than it got
+    assert short(reading(A, 100, 100))  # a whole pCPU: never idled either
+    assert not short(reading(A, 40, 40.5))  # idled: got what it wanted
+
+
+def test_an_exact_reading_is_remembered_and_reads_later_bounds() -> None:
+    est = Estimator()
+    feed(est, [reading(A, 40, 40)])
+    # Now it shares a full pCPU: it got 30 and reads as wanting up to 100.
+    series = feed(est, [reading(A, 30, 100)])[A]
+    assert series == (40.0, 40.0)
+    estimate = est.update(Snapshot({0: 100.0}, (reading(A, 30, 100),)))[A]
+    assert estimate.guess  # still a bound: its value is a guess
+
+
+def test_a_bound_no_exact_reading_explains_is_taken_at_its_top() -> None:
+    est = Estimator()
+    feed(est, [reading(A, 30, 30)])
+    # It got 50 and waited the rest: the old 30 cannot be it any more.
+    assert feed(est, [reading(A, 50, 100)])[A][-1] == 100.0
+
+
+def test_a_steady_vcpu_that_jumps_starts_a_new_level() -> None:
+    est = Estimator()
+    for _ in range(10):
+        feed(est, [reading(A, 40, 40)])
+    series = feed(est, [reading(A, 80, 80)])[A]
+    assert len(series) == 11
+    assert set(series) == {80.0}  # the old level says nothing of the new one
+
+
+def test_bursts_within_what_the_window_has_seen_are_not_new_levels() -> None:
+    est = Estimator()
+    for i in range(WINDOW):
+        series = feed(est, [reading(A, 100 if i % 2 else 0, 100 if i % 2 else 0)])[A]
+    assert sum(series) / len(series) == pytest.approx(50.0)
+    assert sorted(set(series)) == [0.0, 100.0]
+
+
+def test_series_are_aligned_and_a_newcomer_is_padded() -> None:
+    est = Estimator()
+    feed(est, [reading(A, 10, 10)], [reading(A, 12, 12)])
+    out = feed(est, [reading(A, 14, 14), reading(B, 30, 30)])
+    assert out[A] == (10.0, 12.0, 14.0)
+    assert out[B] == (30.0, 30.0, 30.0)
+
+
+def test_a_floating_vcpu_short_of_time_is_measured_before_it_is_placed() -> None:
+    est = Estimator()
+    floating = frozenset({0, 1})
+    seen = []
+    for _ in range(PLACE_SAMPLES):
+        e = est.update(Snapshot({0: 100.0, 1: 100.0}, (reading(A, 50, 90, floating),)))[A]
+        seen.append(e.measuring)
+    assert seen == [True] * (PLACE_SAMPLES - 1) + [False]
+
+
+def test_a_floating_vcpu_with_room_is_not_held() -> None:
+    est = Estimator()
+    e = est.update(Snapshot({0: 40.0, 1: 0.0}, (reading(A, 40, 40, frozenset({0, 1})),)))[A]
+    assert not e.measuring
+
+
+def test_forget_drops_every_reading() -> None:
+    est = Estimator()
+    feed(est, [reading(A, 40, 40)], [reading(A, 40, 40)])
+    est.forget()
+    assert feed(est, [reading(A, 20, 20)])[A] == (20.0,)
