@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from vcpusched.host import DomainGone, Host, PinError, ThreadPins
+from vcpusched.host import DomainGone, PinError, ThreadHost, ThreadPins
 from vcpusched.logs import event
 from vcpusched.model import VcpuRef, format_cpus
 from vcpusched.topology import Topology
@@ -54,7 +54,7 @@ class EmulatorPins:
 
     def follow(
         self,
-        host: Host,
+        host: ThreadHost,
         pins: Mapping[VcpuRef, frozenset[int]],
         topology: Topology,
         allowed: frozenset[int],
@@ -102,7 +102,7 @@ class EmulatorPins:
             )
         return refused
 
-    def restore(self, host: Host) -> int:
+    def restore(self, host: ThreadHost) -> int:
         """Put back the pins the threads had before the agent's first change; returns how
         many the host refused."""
         refused = 0

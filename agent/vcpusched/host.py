@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from vcpusched.model import HostSample, VcpuRef
 
@@ -54,6 +54,14 @@ class Host(Protocol):
         """Restrict one vCPU to `pcpus`; raise DomainGone, PinError or HostError."""
         ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ThreadHost(Host, Protocol):
+    """A host that also pins a domain's emulator thread and iothreads (`pin_emulator`): the
+    libvirt one and the simulator's flat host; the agent leaves them alone on any other."""
+
     def thread_pins(self, domain: str) -> ThreadPins:
         """Read where the domain's emulator thread and iothreads may run; raise DomainGone,
         PinError (the host cannot tell) or HostError."""
@@ -63,5 +71,3 @@ class Host(Protocol):
         """Pin the domain's emulator thread, and each iothread `pins` names, as it says;
         raise DomainGone, PinError or HostError."""
         ...
-
-    def close(self) -> None: ...

@@ -29,7 +29,7 @@ from vcpusched.config import (
 )
 from vcpusched.emulator import EmulatorPins
 from vcpusched.guard import HostView
-from vcpusched.host import DomainGone, Host, HostError, PinError
+from vcpusched.host import DomainGone, Host, HostError, PinError, ThreadHost
 from vcpusched.logs import event
 from vcpusched.metrics import Exporter
 from vcpusched.model import HostSample, Move, Plan, Snapshot, VcpuRef, excluded, format_cpus
@@ -163,6 +163,8 @@ class Agent:
         return applied
 
     def _follow_emulators(self, sample: HostSample, moves: list[Move]) -> None:
+        if not isinstance(self.host, ThreadHost):
+            return  # a host that cannot pin threads (the topology benchmark's)
         pins = {ref: counters.affinity for ref, counters in sample.vcpus.items()}
         pins.update((m.ref, frozenset((m.dst,))) for m in moves)
         allowed = policy.allowed_pcpus(self.config, self.host_view.usable(self.config))
@@ -217,7 +219,7 @@ class Agent:
                 continue
             log.info(event("restore", domain=ref.domain, vcpu=ref.vcpu, to=format_cpus(pcpus)))
         self.changed.clear()
-        if refused := self.emulators.restore(self.host):
+        if isinstance(self.host, ThreadHost) and (refused := self.emulators.restore(self.host)):
             self.failures["restore"] = self.failures.get("restore", 0) + refused
 
 
