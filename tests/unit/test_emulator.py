@@ -77,7 +77,7 @@ def host() -> Host:
         {
             "a": [one(1), one(3)],  # node 0
             "b": [one(9)],  # node 1
-            "both": [one(2), one(10)],  # a domain on both nodes
+            "both": [one(2), one(10)],  # on both nodes: the policy brings it home to one
             "skip": [one(5)],  # excluded
             "floating": [ALL],  # not placed yet
         }
@@ -90,19 +90,22 @@ def test_the_threads_follow_the_nodes_of_the_vcpus_once(
     agent = Agent(host, Config(pin_emulator="node", exclude=("skip", "floating")))
     with caplog.at_level(logging.INFO, logger="vcpusched"):
         run(agent, host, 3)
-    assert host.emulator == {"a": NODE0, "b": NODE1}
-    # `both` runs on both nodes: its threads may run anywhere already, so nothing to do.
+    # `both` fits in one node, so the policy moves its vCPU home (node 0) and the threads
+    # follow it there, in the same cycle.
+    (moved,) = lines(caplog, "move")
+    assert "domain=both vcpu=1 from=10" in moved and "reason=node" in moved
+    assert host.emulator == {"a": NODE0, "b": NODE1, "both": NODE0}
     assert sorted(lines(caplog, "emulator")) == [
         "emulator domain=a from=0-31 to=0-7,16-23 node=0",
         "emulator domain=b from=0-31 to=8-15,24-31 node=1",
+        "emulator domain=both from=0-31 to=0-7,16-23 node=0",
     ]
-    assert not lines(caplog, "move")
     calls, reads = host.thread_pin_calls, host.reads
     with caplog.at_level(logging.INFO, logger="vcpusched"):
         run(agent, host, 10)
     # No churn: nothing read or pinned again while the vCPUs stay where they are.
     assert (host.thread_pin_calls, host.reads) == (calls, reads)
-    assert len(lines(caplog, "emulator")) == 2
+    assert len(lines(caplog, "emulator")) == 3
 
 
 def test_a_domain_whose_vcpus_change_node_takes_its_threads_along(
@@ -124,7 +127,7 @@ def test_the_threads_stay_within_the_agents_cpus(host: Host) -> None:
     cpus = frozenset(range(4)) | frozenset(range(8, 12))
     agent = Agent(host, Config(pin_emulator="node", cpus=cpus, exclude=("skip", "floating")))
     run(agent, host, 2)
-    assert host.emulator == {"a": {0, 1, 2, 3}, "b": {8, 9, 10, 11}, "both": cpus}
+    assert host.emulator == {"a": {0, 1, 2, 3}, "b": {8, 9, 10, 11}, "both": {0, 1, 2, 3}}
 
 
 def test_off_reads_and_pins_no_thread(host: Host) -> None:
@@ -143,6 +146,7 @@ def test_a_dry_run_says_what_it_would_pin_once(
     assert sorted(lines(caplog, "emulator")) == [
         "emulator domain=a from=0-31 to=0-7,16-23 node=0 dry_run=1",
         "emulator domain=b from=0-31 to=8-15,24-31 node=1 dry_run=1",
+        "emulator domain=both from=0-31 to=0-7,16-23 node=0 dry_run=1",
     ]
 
 
@@ -166,12 +170,13 @@ def test_restore_on_exit_puts_the_threads_back(host: Host) -> None:
     run(agent, host, 2)
     assert host.emulator["a"] == NODE0
     agent.restore()
-    assert host.emulator == {"a": {0, 1}, "b": ALL}
+    assert host.emulator == {"a": {0, 1}, "b": ALL, "both": ALL}
 
 
 def test_home_cpus_needs_placed_vcpus_and_known_nodes() -> None:
     assert home_cpus([one(1), one(17)], SPLIT, ALL) == ({0}, NODE0)
     assert home_cpus([one(1), ALL], SPLIT, ALL) is None  # one vCPU still floats
+    assert home_cpus([one(1), one(9)], SPLIT, ALL) == ({0, 1}, ALL)  # split: both nodes
     assert home_cpus([one(1)], Topology(), ALL) is None  # the host did not say
     assert home_cpus([one(1)], SPLIT, NODE1) is None  # no allowed CPU on its node
 
