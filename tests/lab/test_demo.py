@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.lab import REPO, Lab, Libvirtd, down, online_pcpus
+from tests.lifecycle.procs import as_at_a_terminal
 
 pytestmark = pytest.mark.lab
 
@@ -72,6 +73,7 @@ def test_demo_piped_through_a_reader_that_dies_still_tears_down(vmlab: Lab) -> N
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_at_a_terminal,
     )
     assert proc.stdout is not None
     assert proc.stderr is not None

@@ -22,6 +22,13 @@ def write_config(path: Path, pidfile: Path, **extra: object) -> Path:
     return path
 
 
+def as_at_a_terminal() -> None:
+    """In the child: SIGINT as a terminal's Ctrl-C finds it. A test runner started as a
+    background job of a shell without job control has SIGINT ignored, and children inherit
+    that; a test of what Ctrl-C does must not depend on how its runner was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Agent:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"vcpusched-{time.time_ns()}.log"

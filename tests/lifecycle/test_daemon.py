@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.lifecycle.procs import AGENT, Agent, write_config
+from tests.lifecycle.procs import AGENT, Agent, as_at_a_terminal, write_config
 
 
 def test_foreground_reload_and_stop(tmp_path: Path, agents: list[Agent]) -> None:
@@ -388,6 +388,7 @@ def test_ctrl_c_during_status_is_quiet_130(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_at_a_terminal,
     )
     # Inside the sampling interval: the process sleeps there (on a busy machine its start-up
     # alone can take longer than any fixed delay).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lifecycle.procs import write_config
+from tests.lifecycle.procs import as_at_a_terminal, write_config
 
 WAIT = 60.0
 
@@ -31,7 +31,7 @@ def _stopped_at(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=setup,
+        preexec_fn=setup or as_at_a_terminal,
     )
     deadline = time.monotonic() + WAIT
     while True:

@@ -93,7 +93,8 @@ def test_the_threads_follow_the_nodes_of_the_vcpus_once(
     # `both` fits in one node, so the policy moves its vCPU home (node 0) and the threads
     # follow it there, in the same cycle.
     (moved,) = lines(caplog, "move")
-    assert "domain=both vcpu=1 from=10" in moved and "reason=node" in moved
+    assert "domain=both vcpu=1 from=10" in moved
+    assert "reason=node" in moved
     assert host.emulator == {"a": NODE0, "b": NODE1, "both": NODE0}
     assert sorted(lines(caplog, "emulator")) == [
         "emulator domain=a from=0-31 to=0-7,16-23 node=0",
