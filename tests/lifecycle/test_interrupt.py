@@ -48,7 +48,12 @@ def _stopped_at(
 def _interrupt(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
-    out, err = proc.communicate(timeout=WAIT)
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a lost SIGINT must not leave an agent running after the test
+        proc.communicate()
+        raise
     return proc.returncode, out, err
 
 
