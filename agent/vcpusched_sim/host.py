@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from vcpusched.host import DomainGone, PinError, ThreadPins
 from vcpusched.model import HostSample, VcpuCounters, VcpuRef
+from vcpusched.policy import water_level
 from vcpusched.topology import Topology
 
 NS = 1_000_000_000
@@ -107,20 +108,6 @@ class DomainSpec:
         return self.start <= t and (self.stop is None or t < self.stop)
 
 
-def water_level(demands: Iterable[float], capacity: float) -> float:
-    """The share L with sum(min(d, L)) == capacity, or inf when every demand fits."""
-    ordered = sorted(demands)
-    if sum(ordered) <= capacity:
-        return math.inf
-    remaining = capacity
-    for i, demand in enumerate(ordered):
-        share = remaining / (len(ordered) - i)
-        if demand >= share:
-            return share
-        remaining -= demand
-    return math.inf  # unreachable: the sum exceeded the capacity
-
-
 def fair_shares(demands: Sequence[float], capacity: float = FULL) -> list[float]:
     """Max-min fair split of one pCPU among vCPUs pinned to it."""
     level = water_level(demands, capacity)
@@ -187,31 +174,34 @@ def allocate(
         # Spread what each wider set receives over its least busy pCPUs, inner sets first so
         # that an outer set sees what the inner ones already use.
         for cpuset in sorted(wide, key=len):
-            _spread(busy, sorted(cpuset), sum(received[i] for i in wide[cpuset]))
+            spread(busy, sorted(cpuset), sum(received[i] for i in wide[cpuset]))
     return received, busy
 
 
-def _spread(busy: dict[int, float], pcpus: list[int], amount: float) -> None:
-    """Raise the least busy of `pcpus` to a common level until `amount` is placed."""
-    if amount <= 0.0:
-        return
+def spread(busy: dict[int, float], pcpus: Sequence[int], amount: float) -> dict[int, float]:
+    """Raise the least busy of `pcpus` to a common level until `amount` is placed (as an
+    ideal work-conserving balancer would); returns what each pCPU took."""
+    took = {p: 0.0 for p in pcpus}
+    if amount <= 0.0 or not pcpus:
+        return took
     ordered = sorted(pcpus, key=lambda p: busy[p])
     remaining = amount
     level = busy[ordered[0]]
     n = 0
     while n < len(ordered):
         n += 1
-        ceiling = busy[ordered[n]] if n < len(ordered) else FULL
-        ceiling = min(ceiling, FULL)
+        ceiling = min(busy[ordered[n]] if n < len(ordered) else FULL, FULL)
         room = (ceiling - level) * n
         if room >= remaining:
             level += remaining / n
-            remaining = 0.0
             break
         remaining -= room
         level = ceiling
     for p in ordered[:n]:
-        busy[p] = max(busy[p], min(level, FULL))
+        new = max(busy[p], min(level, FULL))
+        took[p] = new - busy[p]
+        busy[p] = new
+    return took
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from vcpusched.host import DomainGone, PinError
 from vcpusched.model import HostSample, Vcpu, VcpuCounters, VcpuRef
 from vcpusched.topology import MemoryPlacement, Topology, format_cpus, parse_capabilities
-from vcpusched_sim.host import FULL, NS, STARVED_BY, DomainSpec, Load, allocate
+from vcpusched_sim.host import FULL, NS, STARVED_BY, DomainSpec, Load, allocate, spread
 
 # A vCPU wanting at least this much (% of a pCPU) counts as busy for the shared-core count.
 BUSY = 50.0
@@ -179,32 +179,6 @@ class Outcome:
         return sum(self.received)
 
 
-def _spread(busy: dict[int, float], pcpus: Sequence[int], amount: float) -> dict[int, float]:
-    """Raise the least busy of `pcpus` to a common level until `amount` is placed (as an
-    ideal work-conserving balancer would); returns what each pCPU took."""
-    took = {p: 0.0 for p in pcpus}
-    if amount <= 0.0 or not pcpus:
-        return took
-    ordered = sorted(pcpus, key=lambda p: busy[p])
-    remaining = amount
-    level = busy[ordered[0]]
-    n = 0
-    while n < len(ordered):
-        n += 1
-        ceiling = min(busy[ordered[n]] if n < len(ordered) else FULL, FULL)
-        room = (ceiling - level) * n
-        if room >= remaining:
-            level += remaining / n
-            break
-        remaining -= room
-        level = ceiling
-    for p in ordered[:n]:
-        new = max(busy[p], min(level, FULL))
-        took[p] = new - busy[p]
-        busy[p] = new
-    return took
-
-
 def predict(topology: Topology, vcpus: Sequence[Placed], speed: Speed | None = None) -> Outcome:
     """CPU time and work done of every vCPU of a placement, at steady demands.
 
@@ -230,7 +204,7 @@ def predict(topology: Topology, vcpus: Sequence[Placed], speed: Speed | None = N
     for cpuset in sorted(wide, key=len):
         members = wide[cpuset]
         amount = sum(received[i] for i in members)
-        took = _spread(busy, sorted(cpuset & busy.keys()), amount)
+        took = spread(busy, sorted(cpuset & busy.keys()), amount)
         for i in members:
             share = received[i] / amount if amount > 0 else 0.0
             where[i] = {p: t * share for p, t in took.items() if t > 0}
