@@ -108,6 +108,16 @@ class DomainSpec:
         return self.start <= t and (self.stop is None or t < self.stop)
 
 
+def queue_wait(got: float, others: float) -> float:
+    """The wait of a vCPU that gets all it wants, `got`, on a pCPU the others keep `others`
+    busy: each time it has work it finds the pCPU taken in proportion to their load, as in a
+    single queue (M/M/1), so it waits got * r / (1 - r) for r = others / 100, and never more
+    than the time it does not run. A first model, to reproduce how a vCPU on a busy pCPU reads
+    short of time though it keeps up; the lab's figures are in docs/reliability.md."""
+    r = min(max(others, 0.0) / FULL, 0.999)
+    return min(FULL - got, got * r / (1.0 - r))
+
+
 def fair_shares(demands: Sequence[float], capacity: float = FULL) -> list[float]:
     """Max-min fair split of one pCPU among vCPUs pinned to it."""
     level = water_level(demands, capacity)
@@ -239,7 +249,12 @@ class SimHost:
     """An in-memory host: pCPUs 0..n-1 and the domains of `domains`, running on a clock."""
 
     def __init__(
-        self, pcpus: int, domains: Sequence[DomainSpec], seed: int = 0, clock: float = 0.0
+        self,
+        pcpus: int,
+        domains: Sequence[DomainSpec],
+        seed: int = 0,
+        clock: float = 0.0,
+        queueing: bool = False,
     ) -> None:
         if pcpus < 1:
             raise ValueError("a host needs at least one pCPU")
@@ -247,6 +262,9 @@ class SimHost:
         if len(set(names)) != len(names):
             raise ValueError("domain names must be unique")
         self.pcpus = tuple(range(pcpus))
+        # Whether a vCPU that gets all it wants still waits behind the others on its pCPU, as
+        # on a real host (see `queue_wait`); off, it never waits, and idling tells at once.
+        self.queueing = queueing
         self.topology = Topology.flat(self.pcpus)  # one node, no SMT, no shared cache
         self.domains = {d.name: d for d in domains}
         self.now = clock
@@ -348,7 +366,13 @@ class SimHost:
                 # wants is counted as never waiting (sharing costs it some latency on a real
                 # host, but it idles, and the idling is what tells it was satisfied).
                 short = got < want - STARVED_BY
-                vcpu.wait_ns += (FULL - got if short else 0.0) / FULL * span * NS
+                if short:
+                    wait = FULL - got
+                elif self.queueing and len(vcpu.affinity) == 1:
+                    wait = queue_wait(got, pcpu_busy[next(iter(vcpu.affinity))] - got)
+                else:
+                    wait = 0.0
+                vcpu.wait_ns += wait / FULL * span * NS
                 stats.demanded += want / FULL * span
                 stats.received += got / FULL * span
                 stats.vcpu_demanded[ref] = stats.vcpu_demanded.get(ref, 0.0) + want / FULL * span

@@ -16,6 +16,7 @@ from vcpusched_sim.host import (
     constant,
     fair_shares,
     phased,
+    queue_wait,
     water_level,
 )
 
@@ -166,6 +167,26 @@ def test_tick_accumulates_time_wait_and_busy_counters() -> None:
     assert stats.util == pytest.approx({0: 100, 1: 30})
     assert stats.demanded == pytest.approx(1.9)
     assert stats.received == pytest.approx(1.3)
+
+
+def test_with_queueing_a_satisfied_vcpu_waits_behind_the_others() -> None:
+    """Off, a vCPU that gets all it wants never waits; on, it waits behind the others' load
+    on its pCPU (nothing with a pCPU to itself), and a starved one still waits all it does
+    not run."""
+    guests = [vm("a", 50, one(0)), vm("b", 40, one(0)), vm("c", 30, one(1)), vm("d", 100, one(1))]
+    for queueing, wait_a in ((False, 0.0), (True, queue_wait(50, 40))):
+        host = SimHost(2, guests, queueing=queueing)
+        host.tick(1.0)
+        sample = host.sample()
+        a, b, c, d = (sample.vcpus[VcpuRef(n, 0)] for n in "abcd")
+        assert a.wait_ns == pytest.approx(wait_a / 100 * NS, abs=1)
+        assert b.wait_ns == pytest.approx(queue_wait(40, 50) / 100 * NS if queueing else 0, abs=1)
+        # On pCPU 1: 30 gets all it wants beside 100, which gets 70 and waits the other 30.
+        assert c.wait_ns == pytest.approx(queue_wait(30, 70) / 100 * NS if queueing else 0, abs=1)
+        assert d.wait_ns == pytest.approx(0.3 * NS, abs=1)
+    assert queue_wait(50, 0) == 0.0
+    assert queue_wait(50, 48) == pytest.approx(50 * 0.48 / 0.52)
+    assert queue_wait(30, 70) == pytest.approx(70.0)  # never more than the time it does not run
 
 
 def test_sample_does_not_advance_time() -> None:
