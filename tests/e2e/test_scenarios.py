@@ -299,14 +299,13 @@ def test_more_guests_mixed_loads(vmlab: Lab, tmp_path: Path, scenario: str) -> N
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known fault: with no idle time left on any pCPU, queueing reads as demand and the "
-    "agent may still move after balance (docs/reliability.md)",
+    reason="known fault: with both pCPUs full once balanced, the agent plans on bounds and may "
+    "balance late or move after balance (docs/reliability.md)",
 )
 def test_more_guests_mixed_loads_no_room(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
     """The same with loads that fill both pCPUs once balanced (90 points of guests each, with
-    QEMU's own about 98% busy): every guest then reads short of time from queueing alone, its
-    demand a bound, and in 3 of 5 runs (4 on the lab, 1 in CI) the agent moved after balancing
-    or balanced late."""
+    QEMU's own 98-99% busy): guests there read short of time, their demands bounds, and in 3
+    of 5 runs (4 on the lab, 1 in CI) the agent moved after balancing or balanced late."""
     mix = [50, 40, 30, 30, 20, 10]
     specs = [(mix[i % len(mix)], PCPUS[0]) for i in range(3 * N)]
     run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "mixed-6-no-room", specs)

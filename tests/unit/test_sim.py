@@ -185,8 +185,8 @@ def test_with_queueing_a_satisfied_vcpu_waits_behind_the_others() -> None:
         assert c.wait_ns == pytest.approx(queue_wait(30, 70) / 100 * NS if queueing else 0, abs=1)
         assert d.wait_ns == pytest.approx(0.3 * NS, abs=1)
     assert queue_wait(50, 0) == 0.0
-    assert queue_wait(50, 48) == pytest.approx(50 * 0.48 / 0.52)
-    assert queue_wait(30, 70) == pytest.approx(70.0)  # never more than the time it does not run
+    assert queue_wait(50, 48) == pytest.approx(1.2 * 50 * 0.48)
+    assert queue_wait(60, 90) == pytest.approx(40.0)  # never more than the time it does not run
 
 
 def test_sample_does_not_advance_time() -> None:
