@@ -37,8 +37,6 @@ class Scenario:
     oversubscribed: bool = False
     packing: bool = False
     from_full: bool = False
-    # Satisfied vCPUs wait behind the others on their pCPU, as on a real host (SimHost).
-    queueing: bool = False
 
     @property
     def managed_pcpus(self) -> tuple[int, ...]:
@@ -49,7 +47,7 @@ class Scenario:
         return sum(len(d.loads) for d in self.domains)
 
     def host(self) -> SimHost:
-        return SimHost(self.pcpus, self.domains, seed=self.seed, queueing=self.queueing)
+        return SimHost(self.pcpus, self.domains, seed=self.seed)
 
     def scope(self) -> Scope:
         return Scope(self.managed_pcpus, self.exclude)

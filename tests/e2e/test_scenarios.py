@@ -294,11 +294,7 @@ def test_more_guests_mixed_loads(vmlab: Lab, tmp_path: Path, scenario: str) -> N
     The loads leave each pCPU room at the end (about 72 points of guests beside the lab's 8
     or so of QEMU's own threads), so that once balanced every guest can be read exactly; the
     case with no room left is the next test."""
-    mix = [40, 35, 25, 20, 15, 10]
-    specs = [(mix[i % len(mix)], PCPUS[0]) for i in range(3 * N)]
-    run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "mixed-6", specs)
-    assert_converged(run)
-    assert_settled(run)
+    mixed_loads_from_pcpu0(vmlab, tmp_path, scenario, "mixed-6", [40, 35, 25, 20, 15, 10])
 
 
 @pytest.mark.xfail(
@@ -310,9 +306,15 @@ def test_more_guests_mixed_loads_no_room(vmlab: Lab, tmp_path: Path, scenario: s
     """The same with loads that fill both pCPUs once balanced (90 points of guests each, with
     QEMU's own 98-99% busy): guests there read short of time, their demands bounds, and in 3
     of 5 runs (4 on the lab, 1 in CI) the agent moved after balancing or balanced late."""
-    mix = [50, 40, 30, 30, 20, 10]
+    mixed_loads_from_pcpu0(vmlab, tmp_path, scenario, "mixed-6-no-room", [50, 40, 30, 30, 20, 10])
+
+
+def mixed_loads_from_pcpu0(
+    vmlab: Lab, tmp_path: Path, scenario: str, name: str, mix: list[int]
+) -> None:
+    """Three guests per pCPU of these loads, all starting on pCPU0: balanced, then stable."""
     specs = [(mix[i % len(mix)], PCPUS[0]) for i in range(3 * N)]
-    run, _, _ = run_to_balance(vmlab, tmp_path, scenario, "mixed-6-no-room", specs)
+    run, _, _ = run_to_balance(vmlab, tmp_path, scenario, name, specs)
     assert_converged(run)
     assert_settled(run)
 
