@@ -13,7 +13,9 @@ vCPUs that burst in turn add up to a steady pCPU, two that burst together do not
 
 from __future__ import annotations
 
-from collections import deque
+import dataclasses
+import statistics
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -83,15 +85,38 @@ class _History:
 
 
 class Estimator:
-    """Keeps each vCPU's readings; `update` turns a snapshot into estimates."""
+    """Keeps each vCPU's readings; `update` turns a snapshot into estimates. It keeps each
+    pCPU's host work too (`steady`)."""
 
     def __init__(self) -> None:
         self._history: dict[VcpuRef, _History] = {}
         self._intervals = 0
+        self._host_work: dict[int, deque[float]] = {}
 
     def forget(self) -> None:
         self._history.clear()
         self._intervals = 0
+        self._host_work.clear()
+
+    def steady(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot` with each pCPU's host work (the time its pinned vCPUs do not explain)
+        read over the window like a vCPU's demand: the latest reading where it fell (a vCPU
+        placed, a process gone), else the window's median. A host burst of one interval is
+        no reason to move a guest, and read alone it once made a pCPU look full."""
+        pinned: dict[int, float] = defaultdict(float)
+        for vcpu in snapshot.vcpus:
+            if vcpu.pcpu is not None:
+                pinned[vcpu.pcpu] += vcpu.received
+        util: dict[int, float] = {}
+        kept: dict[int, deque[float]] = {}
+        for p, u in snapshot.util.items():
+            rest = max(0.0, u - pinned[p])
+            window = self._host_work.get(p) or deque(maxlen=WINDOW)
+            window.append(rest)
+            kept[p] = window
+            util[p] = pinned[p] + min(rest, statistics.median(window))
+        self._host_work = kept
+        return dataclasses.replace(snapshot, util=util)
 
     @property
     def intervals(self) -> int:

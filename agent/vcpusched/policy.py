@@ -96,6 +96,7 @@ class Balancer:
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         estimates = self._estimator.update(snapshot)
+        snapshot = self._estimator.steady(snapshot)
         if capacity.flat(snapshot.topology):
             return decide(snapshot, estimates, self.config, online)
         return capacity.plan_by_node(snapshot, estimates, self.config, online, decide)
@@ -583,6 +584,10 @@ def _step(
         # What a pCPU whose vCPUs read short holds after it sheds is a guess of a new
         # situation: it takes nothing more until its next reading.
         src.shed = src.shed or v.guess or src.guesses > 0
+        # Having shed a known vCPU, it gives nothing more either: what its guesses would use
+        # of the room made is the next reading's to tell, and a bound taken for a demand there
+        # sent a second known vCPU after the first (and one back the next cycle).
+        src.frozen = src.frozen or (not v.guess and src.guesses > 0)
     for v in back:
         result.add(v, dst, src, reason, demands[::-1])
         dst.remove(v)

@@ -102,6 +102,8 @@ class Agent:
         measured = self.host_view.hold(measured, self.config)
         self.snapshot = measured
         self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
+        if log.isEnabledFor(logging.DEBUG):
+            _log_readings(measured, self.plan)
         moves = list(self.plan.moves)
         if self.config.dry_run:
             self._log_dry_run(moves)
@@ -268,6 +270,31 @@ class ReloadVerdict:
     accepted: bool
     error: str | None
     generation: int
+
+
+def _log_readings(snapshot: Snapshot, plan: Plan) -> None:
+    """What a plan was made from, at debug level: every vCPU's reading, then the plan's
+    pCPU demands and what it held back, so a decision can be followed after the fact."""
+    for vcpu in snapshot.vcpus:
+        log.debug(
+            event(
+                "reading",
+                domain=vcpu.ref.domain,
+                vcpu=vcpu.ref.vcpu,
+                pcpus=format_cpus(vcpu.affinity),
+                received=round(vcpu.received, 1),
+                demand=round(vcpu.demand, 1),
+            )
+        )
+    log.debug(
+        event(
+            "plan",
+            util=",".join(f"{p}:{u:.1f}" for p, u in sorted(snapshot.util.items())),
+            demand=",".join(f"{p}:{d:.1f}" for p, d in sorted(plan.pcpu_demand.items())),
+            moves=len(plan.moves),
+            held=",".join(f"{k}:{n}" for k, n in sorted(plan.held.items()) if n) or None,
+        )
+    )
 
 
 def _plan_of(agent: Agent) -> tuple[Sequence[Move], Mapping[str, int], Mapping[int, float]]:

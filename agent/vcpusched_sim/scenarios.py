@@ -37,6 +37,8 @@ class Scenario:
     oversubscribed: bool = False
     packing: bool = False
     from_full: bool = False
+    # Satisfied vCPUs wait behind the others, as on a real host (`SimHost.queueing`).
+    queueing: bool = False
 
     @property
     def managed_pcpus(self) -> tuple[int, ...]:
@@ -47,7 +49,7 @@ class Scenario:
         return sum(len(d.loads) for d in self.domains)
 
     def host(self) -> SimHost:
-        return SimHost(self.pcpus, self.domains, seed=self.seed)
+        return SimHost(self.pcpus, self.domains, seed=self.seed, queueing=self.queueing)
 
     def scope(self) -> Scope:
         return Scope(self.managed_pcpus, self.exclude)

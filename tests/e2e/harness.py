@@ -78,7 +78,8 @@ def config_settings(tmp: Path, **overrides: Any) -> dict[str, Any]:
         "interval": INTERVAL,
         "uri": URI,
         "pidfile": str(tmp / "vcpusched.pid"),
-        "log_level": "info",
+        # The readings and plan of every cycle, for a failing test to show (`Agent.trail`).
+        "log_level": "debug",
     }
     settings.update(overrides)
     return settings
@@ -170,6 +171,27 @@ class Agent:
         with self._cond:
             text = [line.raw for line in self.lines[-last:]] + self.other[-20:]
         return "\n".join(text)
+
+    def trail(self, since: float = 0.0) -> str:
+        """One line per cycle from `since`: each vCPU's reading (received/demand on its
+        pCPUs), the plan's pCPU demands and holds, and the pins made, for failure messages."""
+        out: list[str] = []
+        readings: list[str] = []
+        with self._cond:
+            lines = [line for line in self.lines if line.at >= since]
+        for line in lines:
+            f = line.fields
+            if line.event == "reading":
+                name = f"{f.get('domain', '?').rsplit('-', 1)[-1]}/{f.get('vcpu')}"
+                readings.append(f"{name}@{f.get('pcpus')} {f.get('received')}/{f.get('demand')}")
+            elif line.event == "plan":
+                held = f" held={f['held']}" if "held" in f else ""
+                at = line.at - self.started
+                out.append(f"+{at:.1f}s demand={f.get('demand')}{held} | {' '.join(readings)}")
+                readings = []
+            elif line.event in ("move", "place", "restore"):
+                out.append(f"    {line.event} {f.get('domain')}/{f.get('vcpu')} -> {f.get('to')}")
+        return "\n".join(out)
 
     def problems(self) -> list[str]:
         """Warnings, errors and anything that is not a log line (a traceback)."""

@@ -62,7 +62,7 @@ def test_replayed_pins_are_the_pins_libvirt_reported(guests: Lab, tmp_path: Path
         agent.wait_for("place", timeout=40, domain=f"{PREFIX}c")
         agent.wait_for("move", timeout=40)
         config.write_text(
-            config.read_text().replace("log_level: info", "log_level: info\nmin_gain: 6")
+            config.read_text().replace("log_level: debug", "log_level: debug\nmin_gain: 6")
         )
         agent.signal(signal.SIGHUP)
         agent.wait_for("reload", timeout=20)

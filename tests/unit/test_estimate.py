@@ -91,3 +91,38 @@ def test_forget_drops_every_reading() -> None:
     feed(est, [reading(A, 40, 40)], [reading(A, 40, 40)])
     est.forget()
     assert feed(est, [reading(A, 20, 20)])[A] == (20.0,)
+
+
+def host(util: dict[int, float], vcpus: list[Vcpu]) -> Snapshot:
+    return Snapshot(util, tuple(vcpus))
+
+
+def test_host_work_reads_its_window_median_through_a_burst() -> None:
+    est = Estimator()
+    guest = [reading(A, 40, 40)]
+    for _ in range(5):
+        est.steady(host({0: 45.0, 1: 5.0}, guest))
+    burst = est.steady(host({0: 45.0, 1: 85.0}, guest))
+    assert burst.util == {0: pytest.approx(45.0), 1: pytest.approx(5.0)}
+    assert burst.vcpus == tuple(guest)
+
+
+def test_host_work_that_falls_is_read_at_once_and_a_lasting_rise_within_the_window() -> None:
+    est = Estimator()
+    guest = [reading(A, 40, 40)]
+    for _ in range(5):
+        est.steady(host({0: 70.0}, guest))  # 30 points beside the guest, say a floating vCPU
+    assert est.steady(host({0: 42.0}, guest)).util[0] == pytest.approx(42.0)
+    rise = [est.steady(host({0: 90.0}, guest)).util[0] for _ in range(WINDOW)]
+    assert rise[0] < 90.0  # one reading of 50 points is a burst
+    assert rise[-1] == pytest.approx(90.0)  # most of the window: it is the host's work now
+    assert rise.index(pytest.approx(90.0)) <= WINDOW // 2 + 1
+
+
+def test_forget_drops_host_work_too() -> None:
+    est = Estimator()
+    guest = [reading(A, 40, 40)]
+    for _ in range(5):
+        est.steady(host({0: 45.0}, guest))
+    est.forget()
+    assert est.steady(host({0: 95.0}, guest)).util[0] == pytest.approx(95.0)

@@ -210,6 +210,21 @@ def test_background_load_counts() -> None:
     assert apply(snap, steady(snap).moves) == {0: 0, 1: 60}
 
 
+def test_a_burst_of_host_work_moves_nothing_and_lasting_host_work_counts() -> None:
+    # 62/62 with two guests of 30 on each; then 35 points of host work on pCPU 1: one
+    # interval of it is a burst, and the thresholds would have shed a guest toward pCPU 0.
+    guests = [vcpu("a", 30, 0), vcpu("b", 30, 0), vcpu("c", 30, 1), vcpu("d", 30, 1)]
+    quiet = snapshot(guests, 2, background={0: 2.0, 1: 2.0})
+    busy = snapshot(guests, 2, background={0: 2.0, 1: 37.0})
+    balancer = Balancer(CFG)
+    for _ in range(4):
+        assert not balancer.plan(quiet, frozenset(quiet.util)).moves
+    assert steady(busy).moves  # read alone, the host work looks lasting
+    assert not balancer.plan(busy, frozenset(busy.util)).moves
+    plans = [balancer.plan(busy, frozenset(busy.util)) for _ in range(8)]
+    assert any(p.moves for p in plans)  # most of the window: it is lasting
+
+
 def test_a_vcpu_moved_twice_in_one_plan_is_one_move() -> None:
     vcpus = [vcpu(f"v{i}", load, 0, pcpus=3) for i, load in enumerate([60, 50, 40, 30, 20])]
     moves = steady(snapshot(vcpus, pcpus=3)).moves
