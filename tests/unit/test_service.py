@@ -137,3 +137,22 @@ def test_audit_lines_name_demands_and_the_reason(caplog: pytest.LogCaptureFixtur
     assert all(re.fullmatch(pattern, m) for m in moves), moves
     (balanced,) = [m for m in messages if m.startswith("balanced ")]
     assert re.fullmatch(r"balanced pcpus=0-1 sd=\d+\.\d util=\d+/\d+", balanced)
+
+
+def test_at_debug_every_cycle_logs_its_readings_and_plan(caplog: pytest.LogCaptureFixture) -> None:
+    host = _host(60, 30, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    with caplog.at_level(logging.DEBUG, logger="vcpusched"):
+        _run(agent, host, 4)
+    lines = [r.getMessage() for r in caplog.records]
+    readings = [line for line in lines if line.startswith("reading ")]
+    plans = [line for line in lines if line.startswith("plan ")]
+    assert len(plans) == 3  # the first cycle only takes the baseline
+    assert len(readings) == 2 * len(plans)
+    assert "reading domain=vm0 vcpu=0 pcpus=0 received=60.0 demand=60.0" in readings
+    assert plans[0].startswith("plan util=0:90.0,1:0.0 demand=0:90.0,1:0.0 moves=0")
+    assert any(" moves=1" in p for p in plans)
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        caplog.clear()
+        _run(agent, host, 2)
+    assert not [r for r in caplog.records if r.getMessage().startswith(("reading ", "plan "))]
