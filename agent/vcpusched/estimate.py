@@ -99,22 +99,24 @@ class Estimator:
         self._host_work.clear()
 
     def steady(self, snapshot: Snapshot) -> Snapshot:
-        """`snapshot` with each pCPU's host work (the time its pinned vCPUs do not explain)
-        read over the window like a vCPU's demand: the latest reading where it fell (a vCPU
-        placed, a process gone), else the window's median. A host burst of one interval is
+        """`snapshot` with each pCPU's host work (the time its vCPUs do not explain) read over
+        the window like a vCPU's demand: the latest reading where it fell (a process gone),
+        else the window's median. A host burst of one interval is
         no reason to move a guest, and read alone it once made a pCPU look full."""
-        pinned: dict[int, float] = defaultdict(float)
+        # A floating vCPU's time is a vCPU's, not the host's: taken as spread evenly over its
+        # pCPUs, so that placing it leaves no trace in the window.
+        vcpus: dict[int, float] = defaultdict(float)
         for vcpu in snapshot.vcpus:
-            if vcpu.pcpu is not None:
-                pinned[vcpu.pcpu] += vcpu.received
+            for p in vcpu.affinity:
+                vcpus[p] += vcpu.received / len(vcpu.affinity)
         util: dict[int, float] = {}
         kept: dict[int, deque[float]] = {}
         for p, u in snapshot.util.items():
-            rest = max(0.0, u - pinned[p])
+            rest = max(0.0, u - vcpus[p])
             window = self._host_work.get(p) or deque(maxlen=WINDOW)
             window.append(rest)
             kept[p] = window
-            util[p] = pinned[p] + min(rest, statistics.median(window))
+            util[p] = u - rest + min(rest, statistics.median(window))
         self._host_work = kept
         return dataclasses.replace(snapshot, util=util)
 

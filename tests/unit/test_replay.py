@@ -1,0 +1,56 @@
+"""Plans replayed from the agent's own debug log of a lab run: what the readings of real
+guests on a real host made the policy decide, kept as a regression test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vcpusched.config import Config
+from vcpusched.logs import parse_event
+from vcpusched.model import Plan, Snapshot, Vcpu, VcpuRef, parse_cpus
+from vcpusched.policy import Balancer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def replay(path: Path, config: Config | None = None) -> tuple[list[Plan], list[dict[str, str]]]:
+    """A fresh Balancer fed the `reading` and `plan` lines of a log at `log_level: debug`:
+    its plans, and the log's own pin lines (`place`, `move`) to compare them with."""
+    balancer = Balancer(config or Config())
+    plans: list[Plan] = []
+    pins: list[dict[str, str]] = []
+    vcpus: list[Vcpu] = []
+    for raw in path.read_text().splitlines():
+        level = next((x for x in (" DEBUG ", " INFO ") if x in raw), None)
+        parsed = parse_event(raw.split(level, 1)[1]) if level else None
+        if parsed is None:
+            continue
+        name, f = parsed
+        if name == "reading":
+            ref = VcpuRef(f["domain"], int(f["vcpu"]))
+            vcpus.append(
+                Vcpu(ref, float(f["received"]), float(f["demand"]), parse_cpus(f["pcpus"]))
+            )
+        elif name == "plan":
+            util = {int(p): float(u) for p, u in (x.split(":") for x in f["util"].split(","))}
+            snapshot = Snapshot(util, tuple(sorted(vcpus, key=lambda v: v.ref)))
+            plans.append(balancer.plan(snapshot, frozenset(util)))
+            vcpus = []
+        elif name in ("place", "move"):
+            pins.append({"cycle": str(len(plans)), "event": name, **f})
+    return plans, pins
+
+
+def test_a_burst_of_host_work_beside_full_pcpus_moves_nothing() -> None:
+    # The lab's unpinned heavy/light scenario (100/50/100/50) beside a job that burst on
+    # pCPU 0 for one interval (its guests got 40 and 33 of 100): the agent, reading the burst
+    # as lasting host work, swapped a heavy guest for a light one, which put both heavies on
+    # one pCPU. Its window then held eight intervals of floating vCPUs counted as host work.
+    plans, pins = replay(FIXTURES / "lab-heavy-light-burst.log")
+    assert len(plans) == 12
+    logged = [(p["cycle"], p["event"], p["domain"][-1], p["to"]) for p in pins]
+    assert logged[-2:] == [("12", "move", "0", "1"), ("12", "move", "3", "0")]  # what it did
+    placed = [(m.ref.domain[-1], m.dst) for m in plans[7].moves]
+    assert placed == [(d, int(to)) for _, e, d, to in logged if e == "place"]
+    assert all(plan.held.get("measuring") for plan in plans[:7])
+    assert [len(plan.moves) for plan in plans[8:]] == [0, 0, 0, 0]
