@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
             context = daemon.DaemonContext(
                 umask=0o022,
                 working_directory="/",
-                files_preserve=[pidfile.fd],
+                files_preserve=[pidfile.fd, *signals.fds],
                 signal_map=dict(handlers),
                 detach_process=True,
             )

@@ -10,9 +10,9 @@ import contextlib
 import json
 import logging
 import os
+import select
 import stat
 import statistics
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -245,20 +245,44 @@ def _move_line(move: Move, dry_run: bool = False, node: str | None = None) -> st
 
 
 class Signals:
-    """What the signal handlers ask for; they only set flags, the loop does the work."""
+    """What the signal handlers ask for; they only set flags and wake the loop, which does
+    the work.
+
+    The wake-up is a byte written to a pipe that the loop waits on: a handler runs between
+    two bytecodes of the main thread, and one that took a lock (a `threading.Event`) could
+    find the main thread holding it already, and wait for it forever. (A SIGHUP arriving so
+    once left `vcpusched reload` without an answer.)
+    """
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stop_signal: str | None = None
         self.reload = False
 
+    @property
+    def fds(self) -> tuple[int, int]:
+        """The pipe's ends, for a daemon context to keep open."""
+        return self._read, self._write
+
     def request_stop(self, name: str) -> None:
         self.stop_signal = self.stop_signal or name
-        self.wake.set()
+        self._poke()
 
     def request_reload(self) -> None:
         self.reload = True
-        self.wake.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: the loop is woken already
+            os.write(self._write, b"!")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds, or until a handler asks for something."""
+        ready, _, _ = select.select([self._read], [], [], max(timeout, 0.0))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
 
 
 @dataclass(frozen=True)
@@ -466,8 +490,7 @@ class Runner:
                     if remaining <= 0:
                         break
                     wait = remaining if self._watchdog is None else min(remaining, self._watchdog)
-                    self.signals.wake.wait(wait)
-                    self.signals.wake.clear()
+                    self.signals.wait(wait)
                     self._ping()
         finally:
             notify.stopping()

@@ -17,6 +17,11 @@ TOLERANCE = 5.0  # points of one pCPU
 # follows the machine's speed at the test, which on a cloud VM drifts from the calibration's
 # with what the host's other tenants do (a CI run measured 25 and 75 at 29.4 and 80.1).
 SPEED_DRIFT = 0.10
+# A guest's own kernel (its timer ticks, the load program's sleeps and wake-ups, all emulated)
+# runs on its vCPU beyond the setting's work: only ever more time, and the most for light
+# loads. Clean-clone runs measured a 25% guest at 27.2, 29.4 and 32.7 beside a 75% one at
+# 77.4, 80.1 and 76.6.
+GUEST_OVERHEAD = 3.0
 WINDOW = 4.0
 WINDOWS = 3
 
@@ -38,6 +43,15 @@ def within_pcpu(load: float) -> float:
     vCPU time plus QEMU's own threads and whatever else ran there, which the windows that
     count keep within QUIET. (A clean-clone run measured a 25% guest at 29.0, its pCPU at 30.5.)"""
     return within_setting(load) + QUIET
+
+
+def assert_setting(got: float, load: float, within: float | None = None) -> None:
+    """`got` is what a load setting of `load` gives: within its tolerance below, and its
+    tolerance and the guest's own overhead above."""
+    slack = within_setting(load) if within is None else within
+    assert load - slack <= got <= load + slack + GUEST_OVERHEAD, (
+        f"{got:.1f} for a setting of {load}"
+    )
 
 
 def measure(lab: Lab) -> list[Measurement]:
@@ -87,10 +101,9 @@ def test_load_alone_matches_its_setting(vmlab: Lab) -> None:
         "pcpu75": pcpu_busy(ms, last),
     }
     record_result(vmlab, "lab-load-alone", got)
-    assert got["vcpu25"] == pytest.approx(25, abs=within_setting(25))
-    assert got["vcpu75"] == pytest.approx(75, abs=within_setting(75))
-    assert got["pcpu25"] == pytest.approx(25, abs=within_pcpu(25))
-    assert got["pcpu75"] == pytest.approx(75, abs=within_pcpu(75))
+    for load in (25, 75):
+        assert_setting(got[f"vcpu{load}"], load)
+        assert_setting(got[f"pcpu{load}"], load, within_pcpu(load))
 
 
 def test_guests_sharing_a_pcpu_add_up(vmlab: Lab) -> None:
@@ -108,9 +121,9 @@ def test_guests_sharing_a_pcpu_add_up(vmlab: Lab) -> None:
         "pcpu": pcpu_busy(ms, pcpu),
     }
     record_result(vmlab, "lab-loads-add-up", got)
-    assert got["vcpu30"] == pytest.approx(30, abs=within_setting(30))
-    assert got["vcpu40"] == pytest.approx(40, abs=within_setting(40))
-    assert got["pcpu"] == pytest.approx(70, abs=within_pcpu(70))
+    assert_setting(got["vcpu30"], 30)
+    assert_setting(got["vcpu40"], 40)
+    assert_setting(got["pcpu"], 70, within_pcpu(70))
 
 
 def test_saturated_pcpu_caps_at_100(vmlab: Lab) -> None:
@@ -159,8 +172,8 @@ def test_pattern_and_multi_vcpu_guest(vmlab: Lab) -> None:
         "multi_vcpu1": statistics.median(m.vcpu[(multi.name, 1)] for m in windows),
     }
     record_result(vmlab, "lab-pattern-multi", got)
-    assert got["phase80"] == pytest.approx(80, abs=within_setting(80))
-    assert got["phase10"] == pytest.approx(10, abs=within_setting(10))
+    assert_setting(got["phase80"], 80)
+    assert_setting(got["phase10"], 10)
     # vcpus() counts in 10 ms ticks: over 1 s that is a point, within tolerance.
-    assert got["multi_vcpu0"] == pytest.approx(30, abs=within_setting(30))
-    assert got["multi_vcpu1"] == pytest.approx(30, abs=within_setting(30))
+    assert_setting(got["multi_vcpu0"], 30)
+    assert_setting(got["multi_vcpu1"], 30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -149,3 +150,27 @@ def test_reload_verdicts_and_generation(tmp_path: Path) -> None:
     # Written by replacing: no temporary file left beside it (nor beside the live state).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.state.json", "c.yaml", VERDICT_FILE]
     assert runner.config.interval == 6
+
+
+def test_signals_wake_the_loop_whenever_they_arrive() -> None:
+    # A handler runs between any two bytecodes of the main thread: a storm of them while the
+    # loop waits must neither deadlock it (a lock taken in a handler could be held already)
+    # nor be lost. The former Event-based wake-up died within seconds of this.
+    signals = Signals()
+    signal.signal(signal.SIGALRM, lambda *_: signals.request_reload())
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            signals.wait(0.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    assert signals.reload
+    signals.reload = False
+    start = time.monotonic()
+    signals.wait(0.0)  # drained: nothing pending
+    signals.request_stop("SIGTERM")
+    signals.wait(30.0)  # returns at once: the stop is pending
+    assert signals.stop_signal == "SIGTERM"
+    assert time.monotonic() - start < 25.0
