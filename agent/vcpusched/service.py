@@ -250,8 +250,7 @@ class Signals:
 
     The wake-up is a byte written to a pipe that the loop waits on: a handler runs between
     two bytecodes of the main thread, and one that took a lock (a `threading.Event`) could
-    find the main thread holding it already, and wait for it forever. (A SIGHUP arriving so
-    once left `vcpusched reload` without an answer.)
+    find the main thread holding it already, and wait for it forever.
     """
 
     def __init__(self) -> None:

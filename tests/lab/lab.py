@@ -414,15 +414,18 @@ class Lab:
         path.write_text(json.dumps({"key": key, "work_per_ms": value, "rounds": rounds}) + "\n")
         return value
 
-    def calibrate(self) -> list[float]:
-        """Boot one guest alone on the last pCPU that runs timed bursts of the load loop.
+    def calibrate(self, pcpu: int | None = None) -> list[float]:
+        """Boot one guest alone on `pcpu` (the last one by default) that runs timed bursts of
+        the load loop.
 
         The guest prints a line before and after each burst; the host reads the domain's vCPU
         time at each line. Iterations over vCPU time stays right when other processes compete
         for the pCPU, where the guest's own clock would count the time it was not running.
         """
         spec = GuestSpec(
-            f"{PREFIX}calibrate", pin=online_pcpus()[-1], cmdline=f"calibrate={CALIBRATION_ROUNDS}"
+            f"{PREFIX}calibrate",
+            pin=online_pcpus()[-1] if pcpu is None else pcpu,
+            cmdline=f"calibrate={CALIBRATION_ROUNDS}",
         )
         self.destroy([spec.name])
         (guest,) = self.start([spec], work_per_ms=1.0)
