@@ -86,7 +86,7 @@ class _History:
 
 class Estimator:
     """Keeps each vCPU's readings; `update` turns a snapshot into estimates. It keeps each
-    pCPU's host work too (`steady`)."""
+    pCPU's host work too (`smooth_host_work`)."""
 
     def __init__(self) -> None:
         self._history: dict[VcpuRef, _History] = {}
@@ -98,11 +98,11 @@ class Estimator:
         self._intervals = 0
         self._host_work.clear()
 
-    def steady(self, snapshot: Snapshot) -> Snapshot:
+    def smooth_host_work(self, snapshot: Snapshot) -> Snapshot:
         """`snapshot` with each pCPU's host work (the time its vCPUs do not explain) read over
         the window like a vCPU's demand: the latest reading where it fell (a process gone),
-        else the window's median. A host burst of one interval is
-        no reason to move a guest, and read alone it once made a pCPU look full."""
+        else the window's median. A host burst of one interval is no reason to move a guest,
+        and read alone it once made a pCPU look full."""
         # A floating vCPU's time is a vCPU's, not the host's: taken as spread evenly over its
         # pCPUs, so that placing it leaves no trace in the window.
         vcpus: dict[int, float] = defaultdict(float)

@@ -96,7 +96,7 @@ class Balancer:
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         estimates = self._estimator.update(snapshot)
-        snapshot = self._estimator.steady(snapshot)
+        snapshot = self._estimator.smooth_host_work(snapshot)
         if capacity.flat(snapshot.topology):
             return decide(snapshot, estimates, self.config, online)
         return capacity.plan_by_node(snapshot, estimates, self.config, online, decide)
@@ -225,7 +225,7 @@ def _mean(v: _V) -> float:
 @dataclass(slots=True, eq=False)
 class _P:
     number: int
-    other: float  # utilization its vCPUs do not explain, taken as steady
+    other: float  # utilization its vCPUs do not explain, read over the window (estimate)
     intervals: int
     members: list[_V] = field(default_factory=list)  # every vCPU anchored here
     movable: list[_V] = field(default_factory=list)  # those the plan may move, by mean demand

@@ -101,8 +101,8 @@ def test_host_work_reads_its_window_median_through_a_burst() -> None:
     est = Estimator()
     guest = [reading(A, 40, 40)]
     for _ in range(5):
-        est.steady(host({0: 45.0, 1: 5.0}, guest))
-    burst = est.steady(host({0: 45.0, 1: 85.0}, guest))
+        est.smooth_host_work(host({0: 45.0, 1: 5.0}, guest))
+    burst = est.smooth_host_work(host({0: 45.0, 1: 85.0}, guest))
     assert burst.util == {0: pytest.approx(45.0), 1: pytest.approx(5.0)}
     assert burst.vcpus == tuple(guest)
 
@@ -111,9 +111,9 @@ def test_host_work_that_falls_is_read_at_once_and_a_lasting_rise_within_the_wind
     est = Estimator()
     guest = [reading(A, 40, 40)]
     for _ in range(5):
-        est.steady(host({0: 70.0}, guest))  # 30 points of host work beside the guest
-    assert est.steady(host({0: 42.0}, guest)).util[0] == pytest.approx(42.0)
-    rise = [est.steady(host({0: 90.0}, guest)).util[0] for _ in range(WINDOW)]
+        est.smooth_host_work(host({0: 70.0}, guest))  # 30 points of host work beside the guest
+    assert est.smooth_host_work(host({0: 42.0}, guest)).util[0] == pytest.approx(42.0)
+    rise = [est.smooth_host_work(host({0: 90.0}, guest)).util[0] for _ in range(WINDOW)]
     assert rise[0] < 90.0  # one reading of 50 points is a burst
     assert rise[-1] == pytest.approx(90.0)  # most of the window: it is the host's work now
     assert rise.index(pytest.approx(90.0)) <= WINDOW // 2 + 1
@@ -123,17 +123,19 @@ def test_forget_drops_host_work_too() -> None:
     est = Estimator()
     guest = [reading(A, 40, 40)]
     for _ in range(5):
-        est.steady(host({0: 45.0}, guest))
+        est.smooth_host_work(host({0: 45.0}, guest))
     est.forget()
-    assert est.steady(host({0: 95.0}, guest)).util[0] == pytest.approx(95.0)
+    assert est.smooth_host_work(host({0: 95.0}, guest)).util[0] == pytest.approx(95.0)
 
 
 def test_a_floating_vcpu_is_no_host_work() -> None:
     est = Estimator()
     floating = [reading(A, 80, 80, frozenset({0, 1}))]
     for _ in range(8):  # measured while it floats: 40 points on each pCPU are the vCPU's
-        est.steady(host({0: 45.0, 1: 42.0}, floating))
+        est.smooth_host_work(host({0: 45.0, 1: 42.0}, floating))
     placed = [reading(A, 80, 80)]
-    assert est.steady(host({0: 85.0, 1: 2.0}, placed)).util == pytest.approx({0: 85.0, 1: 2.0})
-    burst = est.steady(host({0: 85.0, 1: 40.0}, placed)).util
+    assert est.smooth_host_work(host({0: 85.0, 1: 2.0}, placed)).util == pytest.approx(
+        {0: 85.0, 1: 2.0}
+    )
+    burst = est.smooth_host_work(host({0: 85.0, 1: 40.0}, placed)).util
     assert burst == pytest.approx({0: 85.0, 1: 2.0})  # the window's median: 2 points

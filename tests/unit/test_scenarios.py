@@ -184,6 +184,9 @@ def test_balanced_like_the_optimum_within_a_few_cycles(name: str) -> None:
     assert ours.moves_after == 0
 
 
+ONE = {p: frozenset({p}) for p in (0, 1)}
+
+
 def _load_change(seed: int) -> Scenario:
     """The lab's load-change scenario with its queueing and QEMU's own threads: two guests on
     each pCPU at 40, then those of pCPU 0 go to 60 and those of pCPU 1 to 20."""
@@ -205,9 +208,6 @@ def _load_change(seed: int) -> Scenario:
         seed=seed,
         queueing=True,
     )
-
-
-ONE = {p: frozenset({p}) for p in (0, 1)}
 
 
 @pytest.mark.parametrize("seed", range(6))
