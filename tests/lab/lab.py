@@ -657,6 +657,24 @@ class Guest:
                 raise LabError(f"{self.name}: no {pattern!r} in time:\n{self.console()[-2000:]}")
             time.sleep(0.02)
 
+    def work_report(self, conn: libvirt.virConnect, vcpu: int) -> tuple[int, int]:
+        """Wait for the vCPU's next LAB-WORK report and read its vCPU time as it arrives:
+        (iterations done, vCPU ns). The guest reports between bursts, so the two agree to
+        the few ms the host takes to see the line."""
+        dom = conn.lookupByName(self.name)
+        regex = re.compile(rf"LAB-WORK vcpu={vcpu} iters=(\d+) .*\n")
+        after = len(self.console())
+        deadline = time.monotonic() + 10
+        while True:
+            m = regex.search(self.console(), after)
+            if m:
+                # One vCPU: the domain's exact time; else vcpus(), in 10 ms ticks.
+                ns = vcpu_time_ns(dom) if self.spec.vcpus == 1 else int(dom.vcpus()[0][vcpu][2])
+                return int(m[1]), ns
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: no LAB-WORK report:\n{self.console()[-2000:]}")
+            time.sleep(0.002)
+
     def phases(self) -> list[tuple[float, int]]:
         """(guest uptime, load) of each phase the guest has entered, from its console."""
         return [

@@ -7,6 +7,10 @@
  *   period=MS       length of one work period (default 100)
  *   calibrate=R     instead of a load, R timed bursts that the host measures
  *
+ * Every second each vCPU process reports the iterations it has done so far (LAB-WORK). The
+ * host reads the vCPU's time as each report arrives, and so knows the speed the loop ran at
+ * between two reports: on a cloud VM that drifts from the calibration's within seconds.
+ *
  * The load is work-based: each period does a fixed number of iterations and sleeps only for
  * what is left of the period. Guests that share a pCPU therefore add up until the pCPU
  * saturates, the way real workloads do; a time-based duty cycle would stretch its busy phase
@@ -34,6 +38,7 @@
 
 #define MAX_PHASES 32
 #define CHUNK 4096u
+#define REPORT_SECS 1.0
 
 struct phase {
 	int load;
@@ -190,6 +195,8 @@ static void run_load(int vcpu)
 {
 	double start = now();
 	double next = start;
+	double report_at = start + REPORT_SECS;
+	uint64_t done = 0;
 	int k = 0;
 	double phase_end = start + phases[0].secs;
 	seed(vcpu);
@@ -197,6 +204,12 @@ static void run_load(int vcpu)
 		say("LAB-PHASE n=0 load=%d", phases[0].load);
 	for (;;) {
 		double t = now();
+		if (t >= report_at) {
+			say("LAB-WORK vcpu=%d iters=%llu", vcpu, (unsigned long long)done);
+			report_at += REPORT_SECS;
+			if (report_at < t)
+				report_at = t + REPORT_SECS;
+		}
 		while (t >= phase_end) {
 			k = (k + 1) % nphases;
 			phase_end += phases[k].secs;
@@ -207,13 +220,17 @@ static void run_load(int vcpu)
 		if (load >= 100) {
 			/* No sleep at all: a full vCPU must not lose the calibration error each period. */
 			spin(CHUNK * 64);
+			done += CHUNK * 64;
 			next = now();
 			continue;
 		}
 		double period_ms_now = period_ms * (0.5 + uniform());
 		next += period_ms_now / 1000.0;
-		if (load > 0)
-			spin((uint64_t)(work_per_ms * period_ms_now * load / 100.0));
+		if (load > 0) {
+			uint64_t n = (uint64_t)(work_per_ms * period_ms_now * load / 100.0);
+			spin(n);
+			done += n;
+		}
 		t = now();
 		if (next > t)
 			sleep_for(next - t);
