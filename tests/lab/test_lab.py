@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -89,6 +90,10 @@ def start_calibrated(lab: Lab, specs: list[GuestSpec]) -> tuple[list[Guest], dic
     return guests, work
 
 
+# Per vCPU (domain, vCPU): its iterations done and its vCPU ns, at one work report.
+Reports = dict[tuple[str, int], tuple[int, int]]
+
+
 class Run:
     """Guests being measured, and the speed their load loop ran at meanwhile: iterations
     from the guests' own reports over vCPU time from the host."""
@@ -97,35 +102,41 @@ class Run:
         self.lab = lab
         self.guests = {g.name: g for g in guests}
         self.work = work
-        self.begin: dict[tuple[str, int], tuple[int, int]] = {}
-        self.end: dict[tuple[str, int], tuple[int, int]] = {}
+        self.begin: Reports = {}
+        self.end: Reports = {}
 
-    def _reports(self) -> dict[tuple[str, int], tuple[int, int]]:
+    def reports(self, names: Sequence[str] | None = None) -> Reports:
+        """Each vCPU's next work report (of the guests `names`, else all)."""
         return {
             (name, vcpu): g.work_report(self.lab.conn, vcpu)
             for name, g in self.guests.items()
+            if names is None or name in names
             for vcpu in range(g.spec.vcpus)
         }
 
     def mark(self) -> None:
         """The speed is judged from here..."""
-        self.begin = self._reports()
+        self.begin = self.reports()
 
     def finish(self) -> None:
         """...to here."""
-        self.end = self._reports()
+        self.end = self.reports()
 
-    def speed(self, name: str) -> float:
-        """Iterations per ms of vCPU time the guest's loop ran at between mark and finish."""
-        keys = [k for k in self.begin if k[0] == name]
-        iters = sum(self.end[k][0] - self.begin[k][0] for k in keys)
-        ms = sum(self.end[k][1] - self.begin[k][1] for k in keys) / 1e6
+    def speed(self, name: str, begin: Reports | None = None, end: Reports | None = None) -> float:
+        """Iterations per ms of vCPU time the guest's loop ran at between two sets of
+        reports: mark and finish by default."""
+        begin, end = begin or self.begin, end or self.end
+        keys = [k for k in begin if k[0] == name]
+        iters = sum(end[k][0] - begin[k][0] for k in keys)
+        ms = sum(end[k][1] - begin[k][1] for k in keys) / 1e6
         return iters / ms
 
-    def setting(self, name: str, load: float) -> float:
-        """What `load` costs the guest `name` at the speed of the run: the setting scaled by
-        the calibration over that speed."""
-        return load * self.work[name] / self.speed(name)
+    def setting(
+        self, name: str, load: float, begin: Reports | None = None, end: Reports | None = None
+    ) -> float:
+        """What `load` costs the guest `name` at the speed of the run (or of the span between
+        `begin` and `end`): the setting scaled by the calibration over that speed."""
+        return load * self.work[name] / self.speed(name, begin, end)
 
     def scales(self) -> dict[str, float]:
         return {name: round(self.setting(name, 1.0), 3) for name in self.guests}
@@ -218,17 +229,25 @@ def phase_windows(lab: Lab) -> list[Measurement]:
 def test_pattern_and_multi_vcpu_guest(vmlab: Lab) -> None:
     """A pattern guest follows its phases; a 2-vCPU guest loads each of its vCPUs."""
     first, last = online_pcpus()[0], online_pcpus()[-1]
-    pattern = GuestSpec("lab-t-pattern", pattern="80:5,10:5", pin=first)
+    # Phases of 8 s: each holds its windows between two of the guest's work reports, so that
+    # it is judged at the speed of its own seconds (a phase of 80 read 77.6 where the speed
+    # over both phases made it cost 88.3).
+    pattern = GuestSpec("lab-t-pattern", pattern="80:8,10:8", pin=first)
     multi = GuestSpec("lab-t-multi", load=30, vcpus=2, pin=[last, last])
     run = Run(vmlab, *start_calibrated(vmlab, [pattern, multi]))
     guest = run.guests[pattern.name]
+    only = [pattern.name]
     try:
         run.mark()
         high = guest.wait_console(r"LAB-PHASE n=0 load=80.*\n", after=len(guest.console()))
         low_start = guest.wait_console(r"LAB-PHASE n=1 load=10.*\n", after=high.end())
+        low_begin = run.reports(only)
         low = phase_windows(vmlab)
-        guest.wait_console(r"LAB-PHASE n=0 load=80.*\n", after=low_start.end(), timeout=10)
+        low_end = run.reports(only)
+        guest.wait_console(r"LAB-PHASE n=0 load=80.*\n", after=low_start.end(), timeout=15)
+        high_begin = run.reports(only)
         high_m = phase_windows(vmlab)
+        high_end = run.reports(only)
         run.finish()
     finally:
         vmlab.destroy([pattern.name, multi.name])
@@ -237,19 +256,23 @@ def test_pattern_and_multi_vcpu_guest(vmlab: Lab) -> None:
     phase10 = statistics.median(m.domain[pattern.name] for m in low)
     multi0 = statistics.median(m.vcpu[(multi.name, 0)] for m in windows)
     multi1 = statistics.median(m.vcpu[(multi.name, 1)] for m in windows)
+    cost80 = run.setting(pattern.name, 80, high_begin, high_end)
+    cost10 = run.setting(pattern.name, 10, low_begin, low_end)
     record_result(
         vmlab,
         "lab-pattern-multi",
         {
             "phase80": phase80,
             "phase10": phase10,
+            "cost80": cost80,
+            "cost10": cost10,
             "multi_vcpu0": multi0,
             "multi_vcpu1": multi1,
             "speed_scale": run.scales(),
         },
     )
-    assert_setting(phase80, 80, run.setting(pattern.name, 80))
-    assert_setting(phase10, 10, run.setting(pattern.name, 10))
+    assert_setting(phase80, 80, cost80)
+    assert_setting(phase10, 10, cost10)
     # vcpus() counts in 10 ms ticks: over 1 s that is a point, within tolerance.
     assert_setting(multi0, 30, run.setting(multi.name, 30))
     assert_setting(multi1, 30, run.setting(multi.name, 30))
