@@ -171,25 +171,36 @@ class Estimator:
 
 
 def _level_start(values: list[float], start: int) -> int:
-    """Where the current level of `values` begins: a jump at the latest reading beyond all the
-    window has seen starts a new one; a jump that the readings since no longer bear out is
-    forgotten."""
+    """Where the current level of `values` begins: a jump in the latest readings (up to
+    LEVEL_READINGS of them, each beyond all the window saw before them) starts a new one; a
+    jump that the readings since no longer bear out is forgotten.
+
+    Several readings, not only the latest: a change that one reading leaves within the spread
+    of the window (widened by an outlier) is told by the next two, where before it was taken
+    only once the window had forgotten the old level."""
     n = len(values)
-    known = n - 1 - start  # readings of the current level before the latest
-    if (
-        known >= LEVEL_READINGS
-        and _jumps(values[start:-1], values[-1:])
-        and _outside(values[:-1], values[-1])
-    ):
-        return n - 1
+    most = min(LEVEL_READINGS, n - start - LEVEL_READINGS)
+    if most > 0:
+        # This runs for every vCPU every cycle, so the cheap tests first. The latest reading
+        # is in every group, and each group's `before` holds `base`: unless it lies beyond
+        # the range of `base`, no group jumps.
+        base = values[: n - most]
+        hi, lo, x = max(base), min(base), values[-1]
+        if x > hi + JUMP_POINTS or x < lo - JUMP_POINTS:
+            ranges: dict[int, tuple[float, float]] = {}  # of values[: n - k]
+            for k in range(most, 0, -1):
+                ranges[k] = (hi + JUMP_POINTS, lo - JUMP_POINTS)
+                hi, lo = max(hi, values[n - k]), min(lo, values[n - k])
+            for k in range(1, most + 1):
+                group = values[n - k :]
+                above, below = ranges[k]
+                if (all(v > above for v in group) or all(v < below for v in group)) and _jumps(
+                    values[start : n - k], group
+                ):
+                    return n - k
     if start > 0 and not _jumps(values[:start], values[start:]):
         return 0
     return start
-
-
-def _outside(before: list[float], x: float) -> bool:
-    """Whether `x` lies beyond every reading before it: a vCPU that bursts returns within."""
-    return x > max(before) + JUMP_POINTS or x < min(before) - JUMP_POINTS
 
 
 def _jumps(before: list[float], after: list[float]) -> bool:

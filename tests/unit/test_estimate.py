@@ -54,6 +54,22 @@ def test_a_steady_vcpu_that_jumps_starts_a_new_level() -> None:
     assert set(series) == {80.0}  # the old level says nothing of the new one
 
 
+def test_a_drop_one_outlier_hides_is_a_new_level_within_three_readings() -> None:
+    # A lab guest whose load went from 40 to 20 (read 42 then 28: the host's speed), with
+    # one outlier of 56 in its window. That outlier widens the spread so far that the first
+    # reading of the new level stays within it; the old estimator then kept the old level
+    # until the window forgot it, 16 cycles, and the plan judged a mix of both.
+    est = Estimator()
+    old = [45, 41, 37, 42, 44, 43, 45, 56, 41, 40, 38, 38, 39, 38, 42]
+    for x in old:
+        feed(est, [reading(A, x, x)])
+    first = feed(est, [reading(A, 28, 28)])[A]
+    assert first[:-1] == tuple(float(x) for x in old)  # one reading is not enough here
+    feed(est, [reading(A, 28, 28)])
+    third = feed(est, [reading(A, 28.5, 28.5)])[A]
+    assert set(third) == {28.0, 28.5}  # the three readings of the new level stand alone
+
+
 def test_bursts_within_what_the_window_has_seen_are_not_new_levels() -> None:
     est = Estimator()
     for i in range(WINDOW):
