@@ -182,34 +182,35 @@ def settle(
     run.extra["foreign_peak"] = round(foreign_peak(judge, agent.started, end), 1)
     run.extra["after"] = [str(c) for c in after]
     if after and (late := late_response(judge, after, end)):
-        run.extra["late_response"], settled_from = late
-        run.util_after = judge.util(settled_from, end)
+        run.extra["late_response"], run.util_after = late
         run.sd_after = statistics.pstdev(run.util_after.values())
     run.trail = agent.trail(since - 2 * INTERVAL)
     return budget_end
 
 
-def late_response(judge: Judge, after: Sequence[PinChange], end: float) -> tuple[str, float] | None:
+def late_response(
+    judge: Judge, after: Sequence[PinChange], end: float
+) -> tuple[str, dict[int, float]] | None:
     """Pin changes after the budget that answer a change of the host, not thrash: one plan
     (all within one interval, each vCPU moved once) made while /proc/stat showed the host
     unbalanced beyond SD_BAR over the LATE_LOOK intervals before it, after which it stays
     within the bar to the end. Loads in time follow the speed each pCPU of this virtual host
     gets, which moves by a fifth within a minute (docs/reliability.md): a placement balanced at
     the budget can become unbalanced in the hold window with no guest changing its setting.
-    Returns what was seen, and where the settled window begins."""
+    Returns what was seen, and the utilization from the interval after the plan to the end."""
     first = min(c.since if c.since is not None else c.at for c in after)
     last = max(c.at for c in after)
     refs = [(c.domain, c.vcpu) for c in after]
     if last - first > INTERVAL + 0.5 or len(set(refs)) != len(refs):
         return None
-    settled_from = last + INTERVAL
     try:
         before = judge.sd(first - LATE_LOOK * INTERVAL, first)
-        settled = judge.sd(settled_from, end)
+        util = judge.util(last + INTERVAL, end)
     except LabError:
         return None  # too close to either end of the run to tell
+    settled = statistics.pstdev(util.values())
     if before > SD_BAR and settled <= SD_BAR:
-        return f"sd {before:.1f} before, {settled:.1f} after", settled_from
+        return f"sd {before:.1f} before, {settled:.1f} after", util
     return None
 
 

@@ -644,9 +644,12 @@ class Guest:
             raise LabError(f"{self.name}: {self.console()[-2000:]}")
         self.ready = time.monotonic()
 
-    def wait_console(self, pattern: str, after: int = 0, timeout: float = 60) -> re.Match[str]:
-        """Wait for `pattern` in the console past offset `after`; the match is on the whole
-        text, so `m.end()` is a good `after` for the next wait."""
+    def wait_console(
+        self, pattern: str, after: int = 0, timeout: float = 60, every: float = 0.02
+    ) -> re.Match[str]:
+        """Wait for `pattern` in the console past offset `after`, reading it every `every`
+        seconds; the match is on the whole text, so `m.end()` is a good `after` for the next
+        wait."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
@@ -655,25 +658,19 @@ class Guest:
                 return m
             if time.monotonic() > deadline:
                 raise LabError(f"{self.name}: no {pattern!r} in time:\n{self.console()[-2000:]}")
-            time.sleep(0.02)
+            time.sleep(every)
 
     def work_report(self, conn: libvirt.virConnect, vcpu: int) -> tuple[int, int]:
         """Wait for the vCPU's next LAB-WORK report and read its vCPU time as it arrives:
         (iterations done, vCPU ns). The guest reports between bursts, so the two agree to
         the few ms the host takes to see the line."""
         dom = conn.lookupByName(self.name)
-        regex = re.compile(rf"LAB-WORK vcpu={vcpu} iters=(\d+) .*\n")
-        after = len(self.console())
-        deadline = time.monotonic() + 10
-        while True:
-            m = regex.search(self.console(), after)
-            if m:
-                # One vCPU: the domain's exact time; else vcpus(), in 10 ms ticks.
-                ns = vcpu_time_ns(dom) if self.spec.vcpus == 1 else int(dom.vcpus()[0][vcpu][2])
-                return int(m[1]), ns
-            if time.monotonic() > deadline:
-                raise LabError(f"{self.name}: no LAB-WORK report:\n{self.console()[-2000:]}")
-            time.sleep(0.002)
+        m = self.wait_console(
+            rf"LAB-WORK vcpu={vcpu} iters=(\d+) .*\n", len(self.console()), timeout=10, every=0.002
+        )
+        # One vCPU: the domain's exact time; else vcpus(), in 10 ms ticks.
+        ns = vcpu_time_ns(dom) if self.spec.vcpus == 1 else int(dom.vcpus()[0][vcpu][2])
+        return int(m[1]), ns
 
     def phases(self) -> list[tuple[float, int]]:
         """(guest uptime, load) of each phase the guest has entered, from its console."""

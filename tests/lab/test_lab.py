@@ -17,8 +17,8 @@ TOLERANCE = 5.0  # points of one pCPU
 # The load is a number of loop iterations per period: what it costs in time follows the
 # speed the machine gives the loop, which on a cloud VM drifts with what the host's other
 # tenants do (runs read a 75% guest at 61.8 and at 99.0 with a calibration made a minute
-# before). So each guest is judged at the speed its own bursts reported while it was measured
-# (LAB-SPEED), within this much of that speed's noise.
+# before). So each guest is judged at the speed its loop ran at while it was measured (its
+# LAB-WORK reports over its vCPU time), within this much of that speed's noise.
 SPEED_NOISE = 0.05
 # A guest's own kernel (its timer ticks, the load program's sleeps and wake-ups, all emulated)
 # runs on its vCPU beyond the setting's work: only ever more time, and the most for light
