@@ -15,6 +15,8 @@ one pCPU's time for one interval), demands are the policy's mean estimates.
 - A node is planned on the first thread of every core, and on second threads only as far as
   its busy vCPUs or its demand need them (`threads_to_use`), first threads first: so busy
   vCPUs spread over idle cores before they share one.
+- A node of several last-level cache groups is planned group by group, each domain in its
+  home group (`_cache_regions`, chosen as home nodes are), where every domain fits in one.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class DomainLoad:
     running: Mapping[int, int]
     # The nodes its memory binds it to (strict or restrictive), None where it is free.
     bound: frozenset[int] | None
-    # A node its memory is known to be on (a one-node nodeset), else None.
+    # The node its memory is on (`memory_node`), else None.
     memory: int | None = None
 
 
@@ -157,9 +159,13 @@ def bound_nodes(placement: MemoryPlacement | None, vcpus: Sequence[int]) -> froz
 
 
 def memory_node(placement: MemoryPlacement | None) -> int | None:
-    if placement is None or placement.nodeset is None or len(placement.nodeset) != 1:
+    """The node a domain's memory is on: its one-node nodeset, else the node the kernel says
+    holds most of it; None when neither tells."""
+    if placement is None:
         return None
-    return next(iter(placement.nodeset))
+    if placement.nodeset is not None and len(placement.nodeset) == 1:
+        return next(iter(placement.nodeset))
+    return placement.resident
 
 
 def home_nodes(
@@ -167,9 +173,12 @@ def home_nodes(
     capacity: Mapping[int, float],
     sizes: Mapping[int, int],
     bar: float,
+    cost: float = REMOTE_COST,
 ) -> dict[str, int | None]:
     """Each domain's home node; None for one that fits in no single node it may use (its
-    vCPUs are then placed node by node). `capacity` and `sizes` (usable threads) per node."""
+    vCPUs are then placed node by node). `capacity` and `sizes` (usable threads) per node;
+    `cost`, the share of a domain's demand a move to another node costs. (The same serves
+    cache groups within a node, whose moves leave no memory behind.)"""
     homes: dict[str, int | None] = {}
     load: dict[int, float] = defaultdict(float)
     pending: list[DomainLoad] = []
@@ -198,7 +207,7 @@ def home_nodes(
         load[home] += d.demand
     by_name = {d.name: d for d in domains}
     for _ in range(len(domains)):
-        step = _relief(homes, load, capacity, choices, by_name, bar)
+        step = _relief(homes, load, capacity, choices, by_name, bar, cost)
         if step is None:
             break
         name, src, dst = step
@@ -215,6 +224,7 @@ def _relief(
     choices: Mapping[str, list[int]],
     by_name: Mapping[str, DomainLoad],
     bar: float,
+    cost: float,
 ) -> tuple[str, int, int] | None:
     """The whole-domain move off the most overloaded node that relieves most, beyond `bar`
     and what its memory left behind costs, onto a node it leaves with room."""
@@ -233,7 +243,7 @@ def _relief(
                 # Nothing is gained by making dst the more loaded one of the two.
                 if load[dst] + d.demand > load[src] - d.demand + bar:
                     continue
-                gain = min(d.demand, excess) - REMOTE_COST * d.demand
+                gain = min(d.demand, excess) - cost * d.demand
                 if gain >= bar and (best is None or gain > best[0]):
                     best = (gain, name, src, dst)
         if best is not None:
@@ -330,25 +340,81 @@ def plan_by_node(
     demand: dict[int, float] = {}
     for n in sorted(node_cpus):
         cpus = topo.nodes[n] & frozenset(snapshot.util)
-        members = [
-            v for v in snapshot.vcpus if assigned.get(v.ref) == n or (v.excluded and v.pcpu in cpus)
-        ]
-        demands = [_mean(v, estimates) for v in members if not v.excluded]
-        occupied = {v.pcpu for v in members if v.pcpu is not None}
-        use = threads_to_use(topo, node_cpus[n], demands, occupied, config.target, config.low)
-        plan = _plan_node(
-            snapshot, estimates, config, online, decide, cpus, use, members, assigned, n
+        homed = {name: by_domain[name] for name in by_domain if homes[name] == n}
+        spanning = any(
+            homes[v.ref.domain] is None for v in snapshot.vcpus if assigned.get(v.ref) == n
         )
-        for m in plan.moves:
-            src = next(iter(m.src)) if len(m.src) == 1 else None
-            if src is not None and topo.node_of(src) not in (n, None):
-                m = replace(m, reason="node")
-            elif src in node_cpus[n] and m.reason == "outside-cpus":
-                m = replace(m, reason="core")  # off a second thread the node no longer uses
-            moves.append(m)
-        held.update(plan.held)
-        demand.update(plan.pcpu_demand)
+        regions = [(node_cpus[n], {r for r, home in assigned.items() if home == n})]
+        if not spanning:
+            regions = _cache_regions(topo, node_cpus[n], homed, estimates, config) or regions
+        for usable, inside in regions:
+            here = cpus if len(regions) == 1 else cpus & usable
+            members = [
+                v for v in snapshot.vcpus if v.ref in inside or (v.excluded and v.pcpu in here)
+            ]
+            demands = [_mean(v, estimates) for v in members if not v.excluded]
+            occupied = {v.pcpu for v in members if v.pcpu is not None}
+            use = threads_to_use(topo, usable, demands, occupied, config.target, config.low)
+            mine = {r: (0 if r in inside else 1) for r in assigned}
+            plan = _plan_node(
+                snapshot, estimates, config, online, decide, here, use, members, mine, 0
+            )
+            for m in plan.moves:
+                src = next(iter(m.src)) if len(m.src) == 1 else None
+                if src is not None and topo.node_of(src) not in (n, None):
+                    m = replace(m, reason="node")
+                elif src in node_cpus[n] and src not in usable:
+                    m = replace(m, reason="cache")  # to its domain's cache group
+                elif src in node_cpus[n] and m.reason == "outside-cpus":
+                    m = replace(m, reason="core")  # off a second thread the node no longer uses
+                moves.append(m)
+            held.update(plan.held)
+            demand.update(plan.pcpu_demand)
     return Plan(moves=tuple(moves), held=dict(held), pcpu_demand=demand)
+
+
+def _cache_regions(
+    topo: Topology,
+    usable: frozenset[int],
+    domains: Mapping[str, Sequence[Vcpu]],
+    estimates: Mapping[VcpuRef, Estimate],
+    config: Config,
+) -> list[tuple[frozenset[int], set[VcpuRef]]] | None:
+    """A node's last-level cache groups, each with the vCPUs of the domains whose home it is,
+    chosen as home nodes are: where a domain runs, else where there is room, and changed
+    only while its group needs more than its cores (no idle core left) and another has room.
+    None where the node has one group, or a domain fits in none."""
+    groups: dict[frozenset[int], frozenset[int]] = {}
+    for cpu in usable:
+        group = topo.cache_group_of(cpu)
+        if group is None:
+            return None
+        groups[group] = groups.get(group, frozenset()) | {cpu}
+    if len(groups) < 2:
+        return None
+    order = sorted(groups.values(), key=min)
+    index = {cpu: i for i, cpus in enumerate(order) for cpu in cpus}
+    largest = max(len(cpus) for cpus in order)
+    loads = []
+    for name, vcpus in sorted(domains.items()):
+        if len(vcpus) > largest:
+            return None
+        running: Counter[int] = Counter(
+            index[v.pcpu] for v in vcpus if v.pcpu is not None and v.pcpu in index
+        )
+        demand = sum(_mean(v, estimates) for v in vcpus)
+        loads.append(DomainLoad(name, demand, len(vcpus), running, None))
+    # A group has room while it has idle cores: what fills it beyond shares cores.
+    cap = {i: CORE * len(primary_threads(topo, cpus)) for i, cpus in enumerate(order)}
+    sizes = {i: len(cpus) for i, cpus in enumerate(order)}
+    homes = home_nodes(loads, cap, sizes, bar=max(config.min_gain, 1.0), cost=0.0)
+    out: list[tuple[frozenset[int], set[VcpuRef]]] = [(cpus, set()) for cpus in order]
+    for name, vcpus in domains.items():
+        home = homes[name]
+        if home is None:
+            return None
+        out[home][1].update(v.ref for v in vcpus)
+    return out
 
 
 def _plan_node(

@@ -5,7 +5,11 @@ and at most PINS_PER_SAMPLE pin reads, whatever the number of domains. libvirt h
 call for pins: they are read when a domain starts, tracked from our own pinVcpu calls, and
 re-read a few domains per sample, stalest first, so that a pin someone else changes is seen
 within one sample on a small host and within domains / PINS_PER_SAMPLE samples on any host.
-A domain's memory placement is read from its XML along with its pins.
+A domain's memory placement is read from its XML along with its pins. Where no one-node
+nodeset says where its memory is, on a local host with several NUMA nodes, the node that holds
+it is read from its QEMU process (`/proc/PID/numa_maps`, the PID from libvirt's pidfile) when
+the domain is first seen and every RESIDENT_EVERY seconds after: the kernel walks the page
+tables to answer, so it is read rarely.
 
 The online pCPUs are read every sample (`getCPUMap`, about 0.07 ms), and the topology
 (`getCapabilities`) at connect and whenever they change: a pCPU going offline or coming
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,11 +41,20 @@ from vcpusched.topology import (
     parse_cpulist,
     parse_isolated,
     parse_memory_placement,
+    parse_numa_maps,
+    resident_node,
 )
 
 log = logging.getLogger(__name__)
 
 PINS_PER_SAMPLE = 4
+# Seconds between reads of where a domain's memory is: memory moves between nodes only when
+# the kernel's NUMA balancing moves it, and then toward the vCPUs the agent placed.
+RESIDENT_EVERY = 600.0
+# Where the system libvirtd keeps each running QEMU guest's pidfile (NAME.pid).
+QEMU_RUN = Path("/run/libvirt/qemu")
+# Bytes of numa_maps read at most: a QEMU process has some hundreds of mappings, a line each.
+NUMA_MAPS_LIMIT = 4 << 20
 
 T = TypeVar("T")
 
@@ -63,6 +77,7 @@ class _Domain:
     pins: list[frozenset[int]]
     memory: MemoryPlacement
     age: int = 0
+    resident_at: float = -math.inf  # monotonic time of the last read of `memory.resident`
 
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
@@ -85,6 +100,18 @@ def read_isolated(root: Path = SYSFS_CPU) -> frozenset[int]:
         return frozenset()
 
 
+def read_resident(name: str, run: Path = QEMU_RUN, proc: Path = Path("/proc")) -> int | None:
+    """The node holding most of a running guest's memory (`topology.resident_node`), from its
+    QEMU process; None where that cannot be read (not root, not the system libvirtd, gone)."""
+    try:
+        pid = int((run / f"{name}.pid").read_text().strip())
+        with (proc / str(pid) / "numa_maps").open(encoding="ascii", errors="replace") as f:
+            text = f.read(NUMA_MAPS_LIMIT)
+    except (OSError, ValueError):
+        return None
+    return resident_node(parse_numa_maps(text))
+
+
 def _cpuset(flags: tuple[bool, ...] | list[bool]) -> frozenset[int]:
     return frozenset(i for i, on in enumerate(flags) if on)
 
@@ -100,6 +127,8 @@ class LibvirtHost:
         self._topology_error: str | None = None
         # sysfs tells about this machine only: a remote libvirtd's isolated CPUs are unknown.
         self._local = not urlsplit(uri).netloc
+        # Guests' memory is read from their QEMU processes on this machine's system libvirtd.
+        self._own_guests = self._local and urlsplit(uri).path.rstrip("/") == "/system"
         self._isolated: frozenset[int] = frozenset()
         self._domains: dict[str, _Domain] = {}
 
@@ -230,11 +259,26 @@ class LibvirtHost:
             pins = [_cpuset(p) for p in handle.vcpuPinInfo(0)]
             fresh = domain is None or domain.run_id != run_id
             memory = self._memory(name, handle, warn=fresh)
-            domain = _Domain(handle=handle, run_id=run_id, pins=pins, memory=memory)
+            resident_at = -math.inf
+            if domain is not None and not fresh:
+                memory = replace(memory, resident=domain.memory.resident)
+                resident_at = domain.resident_at
+            if self._reads_resident(memory) and time.monotonic() - resident_at >= RESIDENT_EVERY:
+                memory = replace(memory, resident=read_resident(name))
+                resident_at = time.monotonic()
+            domain = _Domain(
+                handle=handle, run_id=run_id, pins=pins, memory=memory, resident_at=resident_at
+            )
             self._domains[name] = domain
         domain.handle = handle
         domain.age += 1
         return domain
+
+    def _reads_resident(self, memory: MemoryPlacement) -> bool:
+        """Whether where this domain's memory is matters and can be read: one node says
+        nothing, and a one-node nodeset says it all."""
+        one_node = memory.nodeset is not None and len(memory.nodeset) == 1
+        return self._own_guests and self._topology.multi_node and not one_node
 
     @staticmethod
     def _memory(name: str, handle: Any, warn: bool) -> MemoryPlacement:

@@ -351,7 +351,8 @@ class MemoryPlacement:
     `mode` is the `<numatune><memory>` mode, None without one; `nodeset` its host nodes, None
     when libvirt chooses them at start (`placement='auto'`, also implied by `<vcpu
     placement='auto'>`) and they are not yet known. `cells` maps each guest NUMA cell to its
-    vCPUs, for the `memnodes` that bind one cell's memory elsewhere.
+    vCPUs, for the `memnodes` that bind one cell's memory elsewhere. `resident` is not in the
+    XML: it is read from the QEMU process (`parse_numa_maps`).
     """
 
     mode: str | None = None
@@ -359,6 +360,9 @@ class MemoryPlacement:
     auto: bool = False
     memnodes: tuple[MemNode, ...] = ()
     cells: tuple[tuple[int, frozenset[int]], ...] = ()
+    # The node that holds most of its memory, as the kernel reports it (`resident_node`),
+    # where no one-node nodeset says; None when unknown or spread over nodes.
+    resident: int | None = None
 
     @property
     def binding(self) -> bool:
@@ -441,3 +445,37 @@ def _mode(raw: str | None, where: str) -> str:
     if mode not in MEMORY_MODES:
         raise TopologyError(f"{where}: unknown mode {mode!r}")
     return mode
+
+
+# A node holds a domain's memory when it has more than this share of it; below, the memory is
+# spread (interleaved, or split by a guest's own NUMA cells) and no node is nearer.
+RESIDENT_SHARE = 0.5
+
+
+def parse_numa_maps(text: str) -> dict[int, int]:
+    """KiB of a process's memory on each node, from `/proc/PID/numa_maps`: every mapping's
+    `N<node>=<pages>` times its `kernelpagesize_kB` (4 unless it says: huge pages say 2048)."""
+    out: dict[int, int] = {}
+    for line in text.splitlines():
+        pages: list[tuple[int, int]] = []
+        size = 4
+        for token in line.split()[2:]:
+            key, sep, value = token.partition("=")
+            if not sep or not value.isdigit():
+                continue
+            if key == "kernelpagesize_kB":
+                size = int(value)
+            elif key[:1] == "N" and key[1:].isdigit():
+                pages.append((int(key[1:]), int(value)))
+        for node, count in pages:
+            out[node] = out.get(node, 0) + count * size
+    return out
+
+
+def resident_node(kib: Mapping[int, int]) -> int | None:
+    """The node holding more than RESIDENT_SHARE of this memory, else None."""
+    total = sum(kib.values())
+    if total <= 0:
+        return None
+    node, most = max(kib.items(), key=lambda item: (item[1], -item[0]))
+    return node if most > RESIDENT_SHARE * total else None

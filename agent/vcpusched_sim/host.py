@@ -74,6 +74,14 @@ class Load:
             value = demand
         return value
 
+    def level(self, t: float) -> float:
+        """What a placement held through the pattern plans for: its mean over a period, else
+        the noise-free demand at `t`."""
+        if self.pattern:
+            period = sum(seconds for _, seconds in self.pattern)
+            return sum(demand * seconds for demand, seconds in self.pattern) / period
+        return self.nominal(t)
+
     def changes(self) -> tuple[float, ...]:
         return tuple(start for start, _ in self.phases[1:])
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 
 from vcpusched.host import DomainGone, PinError
 from vcpusched.model import HostSample, Vcpu, VcpuCounters, VcpuRef
-from vcpusched.topology import MemoryPlacement, Topology, format_cpus, parse_capabilities
+from vcpusched.topology import (
+    MemoryPlacement,
+    Topology,
+    format_cpus,
+    parse_capabilities,
+    resident_node,
+)
 from vcpusched_sim.host import FULL, NS, STARVED_BY, DomainSpec, Load, allocate, spread
 
 # A vCPU wanting at least this much (% of a pCPU) counts as busy for the shared-core count.
@@ -313,11 +319,14 @@ def shared_cores(
 
 def memory_of(placement: MemoryPlacement | None, where: Iterable[int | None]) -> dict[int, float]:
     """Where a domain's memory is, as the agent can tell it: spread over a binding or preferred
-    nodeset; else (no `numatune`, or a nodeset not known) on the node where most of its vCPUs
-    run (`where`: the node of each vCPU, None when it floats over several)."""
+    nodeset; else on the node the kernel says holds it (`resident`); else (no `numatune` and
+    not read, or a nodeset not known) on the node where most of its vCPUs run (`where`: the
+    node of each vCPU, None when it floats over several)."""
     if placement is not None and placement.nodeset and placement.mode is not None:
         nodes = sorted(placement.nodeset)
         return {n: 1.0 / len(nodes) for n in nodes}
+    if placement is not None and placement.resident is not None:
+        return {placement.resident: 1.0}
     counts: dict[int, int] = defaultdict(int)
     for node in where:
         if node is not None:
@@ -376,9 +385,10 @@ class TopoDomain:
 
     def placement(self) -> MemoryPlacement:
         """What the agent reads of it: the XML's numatune, with the nodeset libvirt chose for
-        placement='auto' (`numaParameters` of the running domain gives it)."""
+        placement='auto' (`numaParameters` of the running domain gives it); without one, the
+        node holding its memory, as the QEMU process's numa_maps tells it."""
         if self.numatune == "none":
-            return MemoryPlacement()
+            return MemoryPlacement(resident=resident_node({n: 1 for n in self.nodes}))
         return MemoryPlacement(mode="strict", nodeset=self.nodes, auto=self.numatune == "auto")
 
     def memory(self) -> dict[int, float]:
@@ -517,13 +527,14 @@ class TopoHost:
         self.last = stats
         return stats
 
-    def placed(self, at: float | None = None) -> list[Placed]:
-        """The running vCPUs as they stand, with their demands at `at` (default now)."""
+    def placed(self, at: float | None = None, level: bool = False) -> list[Placed]:
+        """The running vCPUs as they stand, with their demands at `at` (default now); with
+        `level`, a bursting vCPU's mean over its pattern (`Load.level`)."""
         t = self.now if at is None else at
         return [
             Placed(
                 ref,
-                min(max(v.load.nominal(t), 0.0), FULL),
+                min(max(v.load.level(t) if level else v.load.nominal(t), 0.0), FULL),
                 v.affinity,
                 v.memory,
                 None if v.bound is None else v.bound & self.online,

@@ -136,7 +136,9 @@ class _Greedy:
 
 
 class _Optimum:
-    """Oracle: pins to the best placement under the rules whenever the situation changes."""
+    """Oracle: pins to the best placement under the rules whenever the situation changes. A
+    guest that bursts counts at its mean: the best placement for each burst would re-pin every
+    interval, which is churn, not an optimum to hold the agent to."""
 
     def __init__(self, host: TopoHost) -> None:
         self.host = host
@@ -145,7 +147,7 @@ class _Optimum:
         self.predicted: list[float] = []
 
     def step(self) -> None:
-        placed = self.host.placed()
+        placed = self.host.placed(level=True)
         key = (self.host.online, tuple((v.ref, v.demand) for v in placed))
         if key == self.key:
             return
@@ -407,7 +409,11 @@ edit by hand, re-run it. The other benchmark, of the policy's objective on a fla
   where the search was cut short, then the bound: every vCPU's demand, within what the cores
   can deliver ({smt:g} per core of busy siblings), bound vCPUs within their nodes' cores.
   Its cores and threads are then relabelled (`keep_in_place`) so that as many vCPUs as can
-  stay where they are: its pins are what reaching it takes, not a minimum.
+  stay where they are: its pins are what reaching it takes, not a minimum. A guest that
+  bursts counts at its mean over its pattern: the best placement for each burst would re-pin
+  every interval, churn and not a placement to hold. So where bursts can be paired in
+  opposite phases (`t32-noisy`), the agent, which judges placements interval by interval,
+  can do more work than this row.
 
 ## Targets
 
@@ -429,7 +435,8 @@ and the topology that a policy can call on its own plans.
   **% opt**: work relative to the optimum's.
 - At the end of the run: **cross-node**: vCPUs that may run on a node holding none of their
   domain's memory; **split**: domains that fit in one node but may run on several; **llc
-  split**: the same for last-level cache groups (no target: the model gives caches no cost);
+  split**: the same for last-level cache groups (no target, and no cost in the model: the
+  agent keeps a domain in one group where it fits, see the README);
   **shared
   cores**: cores holding two busy vCPUs (demand >= {busy:g}%) while a free core exists that one
   of them may use; **outside strict**: vCPUs allowed outside the CPUs their memory binds them to.

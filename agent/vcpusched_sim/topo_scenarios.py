@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vcpusched.topology import Topology
-from vcpusched_sim.host import DomainSpec, constant
+from vcpusched_sim.host import DomainSpec, Load, constant
 from vcpusched_sim.topo import Speed, TopoDomain, TopoHost, host_topology
 
 CYCLES = 60
@@ -143,6 +143,39 @@ def _offline() -> TopoScenario:
     )
 
 
+def _noisy() -> TopoScenario:
+    """Noise and bursts on a host with nodes and threads: what must not move pins there."""
+    everywhere = frozenset(range(32))
+    loads: list[Load] = []
+    for i in range(28):
+        if i % 4 == 3:
+            # Bursting to 90% every other interval, in two phases.
+            loads.append(Load(((0.0, 90.0),), pattern=((90.0, 1.0), (0.0, 1.0)), offset=i % 8 // 4))
+        else:
+            loads.append(constant(45.0 if i % 2 == 0 else 30.0, noise=0.20 if i % 4 == 0 else 0.05))
+    domains = tuple(
+        TopoDomain(
+            DomainSpec(f"vm{i:02d}", (loads[2 * i], loads[2 * i + 1]), (everywhere, everywhere)),
+            "strict" if i % 3 == 0 else "none",
+            frozenset({i % 2}),
+        )
+        for i in range(14)
+    )
+    return TopoScenario(
+        "t32-noisy",
+        "2x8x2 (threads N and N+1); 14 guests x 2 vCPUs, unpinned: 45% with ±20% noise, 30% with"
+        " ±5%, and 90% bursts every other interval; memory alternating, a third strict; 2 L3"
+        " groups per socket",
+        2,
+        8,
+        2,
+        "adjacent",
+        domains,
+        llc_per_socket=2,
+        cycles=120,
+    )
+
+
 def _large() -> TopoScenario:
     """440 vCPUs on 128 logical CPUs, a mix of loads and memory placements, none pinned."""
     everywhere = frozenset(range(128))
@@ -171,6 +204,7 @@ def _build() -> dict[str, TopoScenario]:
         _floating("t32-split", 2, 8, 2, "split", 6, 90.0),
         _overload(),
         _offline(),
+        _noisy(),
         _large(),
     ]
     return {c.name: c for c in cases}

@@ -11,9 +11,9 @@ import pytest
 from tests.lab import hotplug
 from tests.lab.fixtures import record_result
 from tests.lab.lab import URI, GuestSpec, Lab, online_pcpus
-from vcpusched.libvirt_host import LibvirtHost
+from vcpusched.libvirt_host import QEMU_RUN, LibvirtHost, read_resident
 from vcpusched.model import HostSample
-from vcpusched.topology import Topology
+from vcpusched.topology import Topology, parse_numa_maps
 
 pytestmark = pytest.mark.lab
 
@@ -129,9 +129,29 @@ def test_real_guest_numatune_reaches_the_agent(vmlab: Lab) -> None:
     vmlab.start(specs)
     try:
         sample = read_host()
+        # Where the unbound guest's memory is, read from its QEMU process as the agent reads
+        # it on a host of several nodes, against the kernel's own count of its memory.
+        resident = read_resident("lab-t-numa-none")
+        pid = int((QEMU_RUN / "lab-t-numa-none.pid").read_text())
+        kib = parse_numa_maps(Path(f"/proc/{pid}/numa_maps").read_text())
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        rss = int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
     finally:
         vmlab.destroy(s.name for s in specs)
     strict = sample.memory["lab-t-numa-strict"]
     assert (strict.mode, strict.nodeset, strict.binding) == ("strict", {0}, True)
     assert strict.allowed_cpus(0, sample.topology) == sample.topology.nodes[0]
-    assert sample.memory["lab-t-numa-none"].mode is None
+    none = sample.memory["lab-t-numa-none"]
+    assert none.mode is None
+    nodes = sysfs_view()["nodes"]
+    assert isinstance(nodes, dict)
+    record_result(vmlab, "lab-resident", {"numa_maps_kib": kib, "vmrss_kib": rss})
+    assert set(kib) <= set(nodes), kib
+    assert abs(sum(kib.values()) - rss) <= 0.05 * rss, (kib, rss)
+    if len(nodes) == 1:
+        assert resident == next(iter(nodes))
+        # One node says nothing: the agent does not read it there.
+        assert none.resident is None
+    else:
+        most = max(kib, key=lambda n: kib[n])
+        assert resident == (most if kib[most] > sum(kib.values()) / 2 else None)

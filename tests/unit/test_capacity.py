@@ -123,6 +123,33 @@ def test_floating_vcpus_are_placed_within_their_nodeset_one_per_core() -> None:
     assert len({T_SPLIT.siblings_of(p) for p in dsts}) == 4
 
 
+def test_floating_vcpus_go_to_the_node_that_holds_their_memory() -> None:
+    """No numatune, memory read on node 1: the domain is placed there though node 0 has as
+    much room; the same domain with its memory unknown goes to node 0, the first with most."""
+    vcpus = [vcpu("a", 40, None, index=i, pcpus=16) for i in range(2)]
+    known = steady_plan(on(T, vcpus, {"a": MemoryPlacement(resident=1)}))
+    unknown = steady_plan(on(T, vcpus, {"a": MemoryPlacement()}))
+    assert len(known.moves) == len(unknown.moves) == 2
+    assert {T.node_of(m.dst) for m in known.moves} == {1}
+    assert {T.node_of(m.dst) for m in unknown.moves} == {0}
+
+
+def test_a_domain_running_on_a_node_stays_there_whatever_its_memory() -> None:
+    """Where its vCPUs run is the home: memory elsewhere is no reason to move a domain whose
+    node is not overloaded (the move would cost more than it brings)."""
+    vcpus = [vcpu("a", 40, 0, index=0, pcpus=16), vcpu("a", 40, 2, index=1, pcpus=16)]
+    plan = steady_plan(on(T, vcpus, {"a": MemoryPlacement(resident=1)}))
+    assert plan.moves == ()
+
+
+def test_memory_node_is_the_one_node_nodeset_else_the_resident_one() -> None:
+    assert capacity.memory_node(None) is None
+    assert capacity.memory_node(MemoryPlacement()) is None
+    assert capacity.memory_node(strict("1")) == 1
+    assert capacity.memory_node(replace(strict("0-1"), resident=0)) == 0
+    assert capacity.memory_node(MemoryPlacement(resident=1)) == 1
+
+
 def test_a_domain_that_fits_in_a_node_is_not_split() -> None:
     # Two vCPUs of one domain, one on each node, nothing else: they end on one node.
     vcpus = [vcpu("a", 60, 1, index=0, pcpus=16), vcpu("a", 60, 9, index=1, pcpus=16)]
@@ -170,6 +197,7 @@ def test_a_node_with_room_keeps_its_domains() -> None:
     pins=st.lists(st.one_of(st.none(), st.integers(0, 15)), min_size=14, max_size=14),
     bindings=st.lists(st.sampled_from([None, "0", "1", "0-1"]), min_size=5, max_size=5),
     numbering=st.sampled_from(["adjacent", "split"]),
+    llc=st.sampled_from([1, 2]),
 )
 @settings(max_examples=150, deadline=None)
 def test_property_no_vcpu_is_planned_outside_its_nodeset_nor_a_fitting_domain_split(
@@ -177,8 +205,11 @@ def test_property_no_vcpu_is_planned_outside_its_nodeset_nor_a_fitting_domain_sp
     pins: list[int | None],
     bindings: list[str | None],
     numbering: str,
+    llc: int,
 ) -> None:
-    topology = host_topology(2, 4, 2, numbering)
+    """Nor, with two cache groups a socket, split over groups (a domain of 1 to 3 vCPUs
+    here, a group of 4 threads: every domain fits in one)."""
+    topology = host_topology(2, 4, 2, numbering, llc)
     vcpus = [
         vcpu(f"d{i % 5}", d, pins[i], demand=d, index=i, pcpus=16) for i, d in enumerate(demands)
     ]
@@ -191,12 +222,16 @@ def test_property_no_vcpu_is_planned_outside_its_nodeset_nor_a_fitting_domain_sp
         allowed = None if placement is None else placement.allowed_cpus(m.ref.vcpu, topology)
         assert allowed is None or m.dst in allowed
     by_domain: dict[str, set[int | None]] = {}
+    groups: dict[str, set[frozenset[int] | None]] = {}
     for v in snap.vcpus:
         affinity = where[v.ref]
         if len(affinity) == 1:
-            by_domain.setdefault(v.ref.domain, set()).add(topology.node_of(next(iter(affinity))))
+            cpu = next(iter(affinity))
+            by_domain.setdefault(v.ref.domain, set()).add(topology.node_of(cpu))
+            groups.setdefault(v.ref.domain, set()).add(topology.cache_group_of(cpu))
     for d, nodes in by_domain.items():
         assert len(nodes) == 1, (d, nodes)
+        assert len(groups[d]) == 1, (d, groups[d])
 
 
 # -- SMT ------------------------------------------------------------------------------------
@@ -246,6 +281,50 @@ def test_a_domain_is_placed_within_one_cache_group_when_it_fits() -> None:
     assert len(dsts) == 2
     assert len({topology.siblings_of(p) for p in dsts}) == 2
     assert len({topology.cache_group_of(p) for p in dsts}) == 1
+
+
+# One socket of four two-thread cores, two L3 groups: CPUs 0-3 and 4-7 (threads N, N+1).
+T_LLC = host_topology(1, 4, 2, "adjacent", 2)
+
+
+def test_a_domain_split_over_cache_groups_is_brought_into_one() -> None:
+    # a's vCPUs run on cores of both groups; b's fill neither: a's second vCPU joins the first.
+    vcpus = [
+        vcpu("a", 60, 0, index=0, pcpus=8),
+        vcpu("a", 60, 4, index=1, pcpus=8),
+        vcpu("b", 30, 6, index=0, pcpus=8),
+    ]
+    snap = on(T_LLC, vcpus)
+    plan = steady_plan(snap)
+    assert [(m.ref, m.reason) for m in plan.moves] == [(VcpuRef("a", 1), "cache")]
+    assert T_LLC.cache_group_of(plan.moves[0].dst) == T_LLC.cache_group_of(0)
+    assert T_LLC.siblings_of(plan.moves[0].dst) != T_LLC.siblings_of(0)
+    assert steady_plan(replace(snap, vcpus=tuple(_moved(snap, plan.moves)))).moves == ()
+
+
+def test_a_cache_group_with_no_idle_core_sheds_a_whole_domain_to_one_that_has() -> None:
+    # Three busy two-vCPU domains in group 0-3 (two cores): one goes whole to 4-7.
+    vcpus = [
+        vcpu(d, 80, p, index=i, pcpus=8)
+        for d, ps in (("a", (0, 1)), ("b", (2, 3)), ("c", (0, 2)))
+        for i, p in enumerate(ps)
+    ]
+    snap = on(T_LLC, vcpus)
+    plan = steady_plan(snap)
+    moved = {m.ref.domain for m in plan.moves if m.reason == "cache"}
+    assert len(moved) == 1
+    where = after(snap, plan.moves)
+    for name in ("a", "b", "c"):
+        groups = {T_LLC.cache_group_of(next(iter(a))) for r, a in where.items() if r.domain == name}
+        assert len(groups) == 1, (name, groups)
+    # Then no two busy vCPUs share a core: four cores, and the six sit on distinct ones but two.
+    cores = [T_LLC.siblings_of(next(iter(a))) for a in where.values()]
+    assert len(set(cores)) == 4
+
+
+def _moved(snap: Snapshot, moves: Sequence[Move]) -> list[Vcpu]:
+    where = after(snap, moves)
+    return [replace(v, affinity=where[v.ref]) for v in snap.vcpus]
 
 
 def test_node_capacity_counts_a_pair_of_threads_at_smt_pair_capacity() -> None:

@@ -222,7 +222,8 @@ def test_host_reports_cpu_time_and_knows_the_work() -> None:
     assert after.memory["strict"] == MemoryPlacement(mode="strict", nodeset=frozenset({0}))
     assert after.memory["auto"].auto
     assert after.memory["auto"].nodeset == {0}
-    assert after.memory["free"] == MemoryPlacement()
+    # Without numatune, the node that holds its memory, as numa_maps would tell it.
+    assert after.memory["free"] == MemoryPlacement(resident=1)
     assert after.topology.multi_node
 
 
@@ -290,6 +291,8 @@ def test_memory_as_the_agent_can_tell_it() -> None:
         1: 0.5,
     }
     assert memory_of(MemoryPlacement(), [1, 1, 0, None]) == {1: 1.0}
+    # Read from the process, it holds wherever the vCPUs run.
+    assert memory_of(MemoryPlacement(resident=0), [1, 1, 0, None]) == {0: 1.0}
     assert memory_of(None, [None]) == {}
 
 

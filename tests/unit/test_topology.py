@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vcpusched.libvirt_host import LibvirtHost
+from vcpusched.libvirt_host import LibvirtHost, read_resident
 from vcpusched.topology import (
     MemoryPlacement,
     Topology,
@@ -20,6 +20,8 @@ from vcpusched.topology import (
     parse_capabilities,
     parse_cpulist,
     parse_memory_placement,
+    parse_numa_maps,
+    resident_node,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -436,3 +438,47 @@ def test_test_driver_domain_numatune_through_libvirt_host(tmp_path: Path) -> Non
     assert cells.mode == "interleave"
     assert cells.nodes_for(3) == {1}
     assert cells.nodes_for(0) is None
+
+
+# -- where a guest's memory is: numa_maps of its QEMU process --------------------------------
+
+# Lines of the kinds a QEMU process shows: its binary, guest RAM in 4 KiB pages and in huge
+# pages, a shared library, a mapping with no page present, and a bad token.
+NUMA_MAPS = """\
+55d0c0a00000 default file=/usr/bin/qemu-system-x86_64 mapped=1200 N0=1200 kernelpagesize_kB=4
+7f3a00000000 default anon=262144 dirty=262144 active=0 N0=2144 N1=260000 kernelpagesize_kB=4
+7f4000000000 bind:1 file=/dev/hugepages/qemu_back_mem huge dirty=512 N1=512 kernelpagesize_kB=2048
+7f5c2a600000 default file=/usr/lib/libc.so.6 mapped=40 mapmax=90 N0=40 kernelpagesize_kB=4
+7ffd5f1e0000 default stack anon=9 dirty=9 N0=9 kernelpagesize_kB=4
+7f6000000000 default
+7f6100000000 default anon=3 N2=x N0=3 kernelpagesize_kB=4
+"""
+
+
+def test_numa_maps_weighs_each_mapping_by_its_page_size() -> None:
+    kib = parse_numa_maps(NUMA_MAPS)
+    assert kib == {0: 4 * (1200 + 2144 + 40 + 9 + 3), 1: 4 * 260000 + 2048 * 512}
+    assert resident_node(kib) == 1
+
+
+def test_resident_node_needs_more_than_half_of_the_memory() -> None:
+    assert resident_node({}) is None
+    assert resident_node({0: 0}) is None
+    assert resident_node({0: 50, 1: 50}) is None  # interleaved: no node is nearer
+    assert resident_node({0: 51, 1: 49}) == 0
+    assert resident_node({3: 10}) == 3
+
+
+def test_read_resident_from_the_pidfile_and_numa_maps(tmp_path: Path) -> None:
+    run, proc = tmp_path / "run", tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    run.mkdir()
+    (run / "vm.pid").write_text("4242\n")
+    (proc / "4242" / "numa_maps").write_text(NUMA_MAPS)
+    assert read_resident("vm", run, proc) == 1
+    # Unreadable in any way (no pidfile, a bad one, the process gone): not known.
+    assert read_resident("other", run, proc) is None
+    (run / "bad.pid").write_text("not a pid")
+    assert read_resident("bad", run, proc) is None
+    (run / "gone.pid").write_text("999999")
+    assert read_resident("gone", run, proc) is None
