@@ -381,8 +381,11 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
             cb2, wb2 = _fill(_after(b.members, back, out, t), b.other)
         else:
             cb2, wb2 = 0.0, 1.0
-        if (guess_out and _harms(b.members, back, out, t, b.other)) or (
-            guess_back and _harms(a.members, out, back, t, a.other)
+        # A guess is a bound on the latest reading only: judged against the others' latest.
+        latest = t == span - 1
+        if latest and (
+            (guess_out and _harms(b.members, back, out, t, b.other))
+            or (guess_back and _harms(a.members, out, back, t, a.other))
         ):
             return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
         gain = ca + cb - ca2 - cb2

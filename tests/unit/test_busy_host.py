@@ -14,7 +14,7 @@ from __future__ import annotations
 from vcpusched.config import Config
 from vcpusched.model import HostSample
 from vcpusched.service import Agent
-from vcpusched_sim.host import DomainSpec, SimHost, constant
+from vcpusched_sim.host import DomainSpec, Load, SimHost, constant
 
 HOST_WORK = {1: 100.0}  # percent of pCPU1 taken by work that is no guest's
 
@@ -48,3 +48,24 @@ def test_vcpus_piled_on_one_pcpu_spread_beside_host_work() -> None:
     # Four vCPUs of 40% share pCPU0 (25% each); one on pCPU1 would get half of it at worst.
     on_pcpu0 = sum(1 for ref in host.running() if host.affinity(ref) == pcpu0)
     assert on_pcpu0 < 4, "all four vCPUs left on pCPU0"
+
+
+def test_a_known_vcpus_old_burst_does_not_hold_guesses_off_its_pcpu() -> None:
+    """Four 40% guests piled on pCPU0 (each read short: its demand a bound, a guess) and an
+    excluded guest on pCPU1 that burst to 100% in the first interval only. A guess must not
+    push a known vCPU out of room; judged against that old burst, every move to pCPU1 was
+    held for a whole window, and the agent logged `balanced sd=50.0 util=100/0`. A bound
+    says what a vCPU may want now, so it is judged against the others' latest readings."""
+    pcpu0, pcpu1 = frozenset({0}), frozenset({1})
+    domains = [DomainSpec(f"vm{i}", (constant(40.0, noise=0.08),), (pcpu0,)) for i in range(4)]
+    burst = Load(((0.0, 100.0),), pattern=((100.0, 2.0), (0.0, 1000.0)))
+    domains.append(DomainSpec("other", (burst,), (pcpu1,)))
+    host = SimHost(2, domains, seed=0)
+    agent = Agent(host, Config(exclude=("other",)))
+    agent.step()
+    for _ in range(6):
+        host.tick(2.0)
+        agent.step()
+    refs = [r for r in host.running() if r.domain != "other"]
+    on_pcpu0 = sum(1 for r in refs if host.affinity(r) == pcpu0)
+    assert on_pcpu0 == 2, {str(r): sorted(host.affinity(r)) for r in refs}
