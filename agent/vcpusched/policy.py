@@ -183,7 +183,8 @@ def _fill(values: Sequence[float], other: float) -> tuple[float, float]:
 def _harms(
     members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, other: float
 ) -> bool:
-    """Whether guesses coming here would leave a vCPU known to be satisfied short of time.
+    """Whether guesses coming here would leave a vCPU known to be satisfied short of time,
+    in interval `t` (the plan asks it of the latest only).
 
     A guessed demand is an upper bound (a vCPU that never idles wants at most all the time it
     was runnable): it may push out of room a vCPU whose demand is known, for a demand that is
