@@ -389,7 +389,8 @@ edit by hand, re-run it. The other benchmark, of the policy's objective on a fla
   domain's memory node runs at {remote:g}. A vCPU's demand is CPU time; a slowed vCPU does not
   ask for more.
 - Memory: `strict` and `placement='auto'` bind it to a node (the agent reads the nodeset);
-  without numatune it stays where the guest first ran (on the node given by the scenario).
+  without numatune it stays where the guest first ran (on the node given by the scenario),
+  and the agent is told that node, as it reads it from the QEMU process's numa_maps.
   Memory is never migrated (automatic NUMA balancing is not modelled).
 - A CPU that goes offline leaves the samples and the topology; a vCPU pinned only to it is let
   run on every online CPU, as the kernel does.
