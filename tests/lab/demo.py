@@ -55,7 +55,8 @@ class Stop(Exception):
 def guest_specs(pcpu: int) -> list[GuestSpec]:
     """Mixed loads summing to 75% of each pCPU, all on `pcpu`; one guest has two vCPUs.
 
-    For two pCPUs that is 50, 30, 20, 10 and 2 x 20: from 100/0 the best split is 75/75.
+    For two pCPUs that is 50, 30, 20, 10 and 2 x 20: from 100/0 the best split is 80/70 (every
+    load is a multiple of 10, so no split of their 150 is even).
     """
     pairs = max(1, len(online_pcpus()) // 2)
     specs: list[GuestSpec] = []
