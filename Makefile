@@ -45,7 +45,7 @@ role-setup: venv
 	bash tests/role/setup.sh
 
 test: lint lab-setup role-setup
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=20
 
 demo: venv lab-setup
 	bash tests/lab/demo.sh

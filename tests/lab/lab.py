@@ -229,8 +229,9 @@ def sd(values: Iterable[float]) -> float:
     return statistics.pstdev(vals) if len(vals) > 1 else 0.0
 
 
-# One reading: (monotonic time, /proc/stat per pCPU, vCPU ns of each running domain)
-_Sample = tuple[float, dict[int, tuple[int, int]], dict[str, int]]
+# One reading: (monotonic time, /proc/stat per pCPU, vCPU ns of each running domain, and each
+# one's ns over all its threads: its vCPUs and QEMU's own)
+_Sample = tuple[float, dict[int, tuple[int, int]], dict[str, int], dict[str, int]]
 
 
 class StatSampler:
@@ -268,10 +269,11 @@ class StatSampler:
 
     def _sample(self) -> None:
         vcpu_ns: dict[str, int] = {}
+        total_ns: dict[str, int] = {}
         if self._conn is not None:
             try:
                 records = self._conn.getAllDomainStats(
-                    libvirt.VIR_DOMAIN_STATS_VCPU,
+                    libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL,
                     libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
                 )
             except libvirt.libvirtError:
@@ -282,7 +284,8 @@ class StatSampler:
                     for k, v in stats.items()
                     if k.startswith("vcpu.") and k.endswith(".time")
                 )
-        self.samples.append((time.monotonic(), read_proc_stat(), vcpu_ns))
+                total_ns[dom.name()] = int(stats.get("cpu.time", vcpu_ns[dom.name()]))
+        self.samples.append((time.monotonic(), read_proc_stat(), vcpu_ns, total_ns))
 
     def _bounds(self, start: float, end: float) -> tuple[_Sample, _Sample]:
         inside = [s for s in self.samples if start <= s[0] <= end]
@@ -296,14 +299,24 @@ class StatSampler:
         return utilization(first[1], last[1])
 
     def foreign(self, start: float, end: float) -> float:
-        """Host busy time in the window beyond the domains' vCPU time, in points of one pCPU.
+        """Host busy time in the window beyond the domains' vCPU time, in points of one pCPU:
+        QEMU's own threads, and all other work. A domain that starts or stops inside the
+        window counts as foreign for that window."""
+        return self._beyond(start, end, whole=False)
 
-        A domain that starts or stops inside the window counts as foreign for that window.
-        """
+    def other(self, start: float, end: float) -> float:
+        """Host busy time in the window beyond all of the domains' threads: libvirtd, the
+        agent, this test, and jobs that have nothing to do with the lab. QEMU's own threads
+        cost more the slower the machine runs (a clean-clone run read 12 to 15 points of
+        foreign time beside four guests), other jobs come and go: this tells the two apart."""
+        return self._beyond(start, end, whole=True)
+
+    def _beyond(self, start: float, end: float, *, whole: bool) -> float:
         first, last = self._bounds(start, end)
         busy = sum(utilization(first[1], last[1]).values())
-        vcpu_ns = sum(ns - first[2][d] for d, ns in last[2].items() if d in first[2])
-        return busy - vcpu_ns / 1e9 / (last[0] - first[0]) * 100
+        before, after = (first[3], last[3]) if whole else (first[2], last[2])
+        ns = sum(v - before[d] for d, v in after.items() if d in before)
+        return busy - ns / 1e9 / (last[0] - first[0]) * 100
 
 
 def vcpu_time_ns(dom: libvirt.virDomain) -> int:
@@ -557,14 +570,22 @@ class Lab:
         stat0 = read_proc_stat()
         before = {d.name(): vcpu_time_ns(d) for d in doms}
         vcpus0 = {d.name(): [int(v[2]) for v in d.vcpus()[0]] for d in doms}
+        per0 = {d.name(): d.getCPUStats(False) for d in doms}
         time.sleep(window)
         after = {d.name(): vcpu_time_ns(d) for d in doms}
         vcpus1 = {d.name(): [int(v[2]) for v in d.vcpus()[0]] for d in doms}
+        per1 = {d.name(): d.getCPUStats(False) for d in doms}
         util = utilization(stat0, read_proc_stat())
         span = time.monotonic() - t0
 
         def pct(ns: int) -> float:
             return ns / 1e9 / span * 100
+
+        def on_pcpus(key: str) -> dict[int, float]:
+            return {
+                p: pct(sum(per1[n][p][key] - per0[n][p][key] for n in per0 if n in per1))
+                for p in util
+            }
 
         return Measurement(
             pins=pins_of(self.conn),
@@ -575,6 +596,8 @@ class Lab:
                 for n in vcpus0
                 for i, (a, b) in enumerate(zip(vcpus0[n], vcpus1[n], strict=True))
             },
+            threads=on_pcpus("cpu_time"),
+            vcpus_on=on_pcpus("vcpu_time"),
         )
 
 
@@ -584,22 +607,19 @@ class Measurement:
     domain: dict[str, float]  # vCPU time of each domain, % of one pCPU
     vcpu: dict[tuple[str, int], float]  # per vCPU, from vcpus() (10 ms ticks)
     pins: dict[tuple[str, int], frozenset[int]] = field(default_factory=dict)
+    # Per pCPU, the time all domains' threads ran there (QEMU's own and the vCPUs), and the
+    # vCPUs' share of it, from libvirt's per-pCPU accounting.
+    threads: dict[int, float] = field(default_factory=dict)
+    vcpus_on: dict[int, float] = field(default_factory=dict)
 
-    def foreign(self) -> dict[int, float]:
-        """Busy time of each pCPU that the vCPUs pinned to it do not explain: other processes
-        of the host, QEMU's own threads, and unpinned vCPUs."""
-        out = dict(self.pcpu)
-        for key, load in self.vcpu.items():
-            cpus = self.pins.get(key, frozenset())
-            if len(cpus) == 1:
-                (cpu,) = cpus
-                if cpu in out:
-                    out[cpu] -= load
-        return out
+    def other(self) -> dict[int, float]:
+        """Busy time of each pCPU beyond all of the domains' threads: host processes and
+        other jobs, none of the lab's guests."""
+        return {p: busy - self.threads.get(p, 0.0) for p, busy in self.pcpu.items()}
 
-    def foreign_total(self) -> float:
-        """Busy time of the whole host beyond the guests' vCPU time, in points of one pCPU."""
-        return sum(self.pcpu.values()) - sum(self.domain.values())
+    def own(self) -> dict[int, float]:
+        """Time QEMU's own threads (not the vCPUs) ran on each pCPU."""
+        return {p: self.threads.get(p, 0.0) - self.vcpus_on.get(p, 0.0) for p in self.pcpu}
 
 
 def pins_of(conn: libvirt.virConnect) -> dict[tuple[str, int], frozenset[int]]:
