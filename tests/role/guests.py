@@ -37,23 +37,21 @@ _VCPUPIN = re.compile(r"^\s*(\d+)\s+(\S+)\s*$")
 
 
 # Points of pCPU time, summed over the pCPUs, that other work may take before the guests start.
+# After QUIET_WAIT the test goes on: a busy host is a fact the test must live with, and the
+# agent's own rule (nothing onto a full pCPU) decides what it may do there.
 QUIET = 30.0
-QUIET_WAIT = 300.0
+QUIET_WAIT = 120.0
 
 
 def wait_quiet_host() -> float:
-    """Wait until other jobs leave the pCPUs (bounded); returns the seconds waited."""
+    """Wait, at most QUIET_WAIT, until other jobs leave the pCPUs; returns the seconds waited."""
     started = time.monotonic()
-    while True:
+    while time.monotonic() - started < QUIET_WAIT:
         before = read_proc_stat()
         time.sleep(2.0)
-        busy = sum(utilization(before, read_proc_stat()).values())
-        if busy <= QUIET:
-            return time.monotonic() - started
-        if time.monotonic() - started > QUIET_WAIT:
-            raise TimeoutError(
-                f"host too busy for {QUIET_WAIT:.0f} s: {busy:.0f} points of pCPU time in use"
-            )
+        if sum(utilization(before, read_proc_stat()).values()) <= QUIET:
+            break
+    return time.monotonic() - started
 
 
 def work_per_ms() -> float:
