@@ -183,19 +183,28 @@ def _fill(values: Sequence[float], other: float) -> tuple[float, float]:
 def _harms(
     members: Sequence[_V], leaving: Sequence[_V], coming: Sequence[_V], t: int, other: float
 ) -> bool:
-    """Whether guesses coming here would leave a vCPU known to be satisfied short of time,
-    in interval `t` (the plan asks it of the latest only).
+    """Whether guesses coming here would cost the vCPUs known to be satisfied more than the
+    guesses are sure to gain, in interval `t` (the plan asks it of the latest only).
 
     A guessed demand is an upper bound (a vCPU that never idles wants at most all the time it
     was runnable): it may push out of room a vCPU whose demand is known, for a demand that is
-    not there. Guesses among guesses, or on a pCPU with room for them, are fair game.
+    not there. What the known lose at worst is their excess over the fair level; what the
+    guesses gain for sure is that level, capped by their bound, beyond what they received.
     """
     values = _after(members, leaving, coming, t)
     if sum(values) + other <= CAPACITY:
         return False
     level = water_level([*values, other], CAPACITY)
     gone = {id(v) for v in leaving}
-    return any(not m.guess and m.series[t] > level + 1e-9 for m in members if id(m) not in gone)
+    loss = sum(
+        m.series[t] - level
+        for m in members
+        if id(m) not in gone and not m.guess and m.series[t] > level + 1e-9
+    )
+    if loss <= 0.0:
+        return False
+    gain = sum(max(0.0, min(c.series[t], level) - c.vcpu.received) for c in coming if c.guess)
+    return loss >= gain
 
 
 # -- the planner's picture of the host ------------------------------------------------------
