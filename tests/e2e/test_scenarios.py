@@ -311,7 +311,9 @@ def test_all_on_one_pcpu(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
     """Everything on pCPU0, equal loads: two per pCPU in the end, then quiet."""
     specs = [(40, PCPUS[0]) for _ in range(2 * N)]
     run, judge, _ = run_to_balance(vmlab, tmp_path, scenario, "all-on-pcpu0", specs)
-    assert run.sd_before > 20, "the start was supposed to be unbalanced"
+    # Judged on pCPU0 alone: other work on pCPU1 (a low-priority job burning a CPU read 63.7
+    # there) narrows the spread at the start, but not the guests' pile.
+    assert run.util_before[PCPUS[0]] >= 95, "the guests, all on pCPU0, were supposed to fill it"
     assert_converged(run)
     assert count_per_pcpu(judge.current_pins(scenario)) == Counter({p: 2 for p in PCPUS})
     assert_settled(run, bar=3.0)
