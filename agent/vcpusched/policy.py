@@ -350,8 +350,14 @@ class _Verdict:
     pins: int
 
     def net(self, min_gain: float) -> float:
-        """What it gains beyond its uncertainty and min_gain for every pin it changes (the
-        least gain worth a pin): a swap must gain twice what a move must."""
+        """What it gains beyond its uncertainty and the least gain worth it: min_gain for a
+        move or a swap (a swap's second pin is charged in `score`), and min_gain more for
+        every pin an exchange adds beyond a swap's two."""
+        return self.gain - self.uncertainty - min_gain * max(1, self.pins - 1)
+
+    def score(self, min_gain: float) -> float:
+        """Its net gain, less min_gain for every pin beyond the first: a swap is worth its
+        second pin only where it gains min_gain more than a move would."""
         return self.gain - self.uncertainty - min_gain * self.pins
 
     def taken(self, min_gain: float) -> bool:
@@ -764,7 +770,7 @@ def _best_of(
             break
         verdict = _judge(src, dst, out, back, intervals)
         if verdict.taken(config.min_gain):
-            net = verdict.net(config.min_gain)
+            net = verdict.score(config.min_gain)
             if best is None or net > best[0]:
                 best = (net, out, back)
         else:

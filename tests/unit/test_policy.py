@@ -243,10 +243,9 @@ def test_first_readings_of_a_balanced_pinning_are_not_taken_for_exact() -> None:
 
 
 def test_a_swap_within_the_noise_is_left_alone() -> None:
-    # 46+40 beside 40+34: a swap that closes a 12-point gap when the numbers are exact (more
-    # than the 10 its two pins must gain), chasing noise when each vCPU's demand wobbles by
-    # several points from one interval to the next.
-    quiet = [vcpu("a", 46, 0), vcpu("b", 40, 0), vcpu("c", 40, 1), vcpu("d", 34, 1)]
+    # 45+40 beside 37+38: a 10-point swap when the numbers are exact, chasing noise when
+    # each vCPU's demand wobbles by several points from one interval to the next.
+    quiet = [vcpu("a", 45, 0), vcpu("b", 40, 0), vcpu("c", 37, 1), vcpu("d", 38, 1)]
     assert len(steady(snapshot(quiet, pcpus=2)).moves) == 2
     rng = random.Random(3)
     balancer = Balancer(CFG)
