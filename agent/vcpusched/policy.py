@@ -25,6 +25,7 @@ pinned outside `cpus`) are pinned once, heaviest first, onto the least loaded pC
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import itertools
 import math
@@ -377,7 +378,7 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     guess_out = any(v.guess for v in out)
     guess_back = any(v.guess for v in back)
     gains: list[float] = []
-    worst = 0.0
+    worsts: list[float] = []
     for t in range(span):
         moved = sum(v.series[t] for v in out) - sum(v.series[t] for v in back)
         sa, sb = a.sums[t], b.sums[t]
@@ -405,12 +406,27 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
             gap2 = (sa2 + a.other) - (sb2 + b.other)
             gain += abs(gap) - abs(gap2)
         gains.append(gain)
-        worst += 100.0 * (min(wa2, wb2) - min(wa, wb))
-    mean = sum(gains) / span
+        worsts.append(100.0 * (min(wa2, wb2) - min(wa, wb)))
+    pins = len(out) + len(back)
     # Every vCPU a step moves brings its own unknown noise.
-    prior = PRIOR_GAIN * math.sqrt(len(out) + len(back)) if readings < PRIOR_READINGS else 0.0
-    spread = _standard_error(gains, mean) if span > 1 else 0.0
-    return _Verdict(mean, math.hypot(spread, prior), worst / span, len(out) + len(back))
+    prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
+    verdict = _verdict(gains, worsts, prior, pins)
+    if readings < span:
+        # A level that began since is repeated over the intervals before it, where the others
+        # show what they read then: the step must also gain over the intervals all of them
+        # were read in. (A slowdown of the whole host restarted one guest's level and not its
+        # twin's, and the padding alone called for swapping them.)
+        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins)
+        least = min(verdict, recent, key=lambda v: v.gain - v.uncertainty)
+        verdict = dataclasses.replace(least, worst=min(verdict.worst, recent.worst))
+    return verdict
+
+
+def _verdict(gains: Sequence[float], worsts: Sequence[float], prior: float, pins: int) -> _Verdict:
+    n = len(gains)
+    mean = sum(gains) / n
+    spread = _standard_error(gains, mean) if n > 1 else 0.0
+    return _Verdict(mean, math.hypot(spread, prior), sum(worsts) / n, pins)
 
 
 def _after(

@@ -66,8 +66,8 @@ def _kill_libvirtd(daemon: Libvirtd) -> int:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open: in 2 of 3 recent runs libvirtd, restarted after SIGKILL, reported two guests' "
-    "pins as before the agent's last exchange, with no pin change logged (docs/reliability.md)",
+    reason="open: libvirtd, restarted after SIGKILL, has reported two guests' pins as before "
+    "the agent's last exchange, with no pin change logged; rare since (docs/reliability.md)",
 )
 def test_libvirtd_killed_and_restarted(vmlab: Lab, guests: str, tmp_path: Path) -> None:
     """SIGKILL, back 5 s later; then down for 60 s. The agent logs each outage once,
