@@ -82,6 +82,8 @@ class _History:
     exact: float | None = None
     # Where in `readings` the current level began (its latest change).
     start: int = 0
+    # Short readings in the window: with none, every reading is its own demand.
+    shorts: int = 0
 
 
 class Estimator:
@@ -140,7 +142,9 @@ class Estimator:
             is_short = short(vcpu)
             if len(kept.readings) == WINDOW:
                 kept.start = max(0, kept.start - 1)
+                kept.shorts -= kept.readings[0][2]
             kept.readings.append((vcpu.received, vcpu.demand, is_short))
+            kept.shorts += is_short
             if not is_short:
                 kept.exact = vcpu.demand
             history[vcpu.ref] = kept
@@ -150,18 +154,23 @@ class Estimator:
 
     def _estimate(self, kept: _History, floating: bool) -> Estimate:
         readings = kept.readings
-        known = [d for _, d, s in readings if not s]
-        if kept.exact is not None:
-            known.append(kept.exact)
-        values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
+        if kept.shorts:
+            known = [d for _, d, s in readings if not s]
+            if kept.exact is not None:
+                known.append(kept.exact)
+            values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
+        else:
+            values = [d for _, d, _ in readings]
         kept.start = _level_start(values, kept.start)
         level = values[kept.start :]
         # Before its level changed the vCPU was another one: its current level, repeated,
         # stands in for those intervals.
         pad = self._intervals - len(level)
-        series = tuple(level[i % len(level)] for i in range(-pad, 0)) + tuple(level)
+        series = tuple(level)
+        if pad:
+            series = tuple(level[i % len(level)] for i in range(-pad, 0)) + series
         is_short = readings[-1][2]
-        ever_short = any(s for _, _, s in readings)
+        ever_short = kept.shorts > 0
         return Estimate(
             series=series,
             readings=len(level),

@@ -63,13 +63,13 @@ class Vcpu:
     demand: float
     affinity: frozenset[int]
     excluded: bool = False
+    # The pCPU it is pinned to, or None while it may run on several. Kept, not derived on
+    # each read: a plan on a host of thousands of vCPUs asks it several times of each.
+    pcpu: int | None = field(init=False, compare=False, repr=False)
 
-    @property
-    def pcpu(self) -> int | None:
-        """The pCPU it is pinned to, or None while it may run on several."""
-        if len(self.affinity) == 1:
-            return next(iter(self.affinity))
-        return None
+    def __post_init__(self) -> None:
+        pinned = next(iter(self.affinity)) if len(self.affinity) == 1 else None
+        object.__setattr__(self, "pcpu", pinned)
 
 
 @dataclass(frozen=True, slots=True)

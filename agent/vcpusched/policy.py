@@ -29,6 +29,7 @@ import dataclasses
 import heapq
 import itertools
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,7 @@ class _P:
         return not self.frozen and not self.shed
 
     _costs: tuple[int, list[tuple[float, float]]] | None = None
+    _mean: tuple[int, float, float] | None = None
     _readings: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -267,13 +269,21 @@ class _P:
     @property
     def demand(self) -> float:
         """Mean demand over the window, with the other work: what orders the pCPUs."""
-        return self.other + sum(self.sums) / self.intervals
+        return self._means()[0]
 
     @property
     def util(self) -> float:
         """Mean predicted utilization: demand up to what the pCPU can give."""
-        cap = self.capacity
-        return self.other + sum(min(s, cap) for s in self.sums) / self.intervals
+        return self._means()[1]
+
+    def _means(self) -> tuple[float, float]:
+        # Cached while nothing changes here: every round of a plan sorts the pCPUs by them.
+        if self._mean is None or self._mean[0] != self.version:
+            cap = self.capacity
+            demand = self.other + sum(self.sums) / self.intervals
+            util = self.other + sum(min(s, cap) for s in self.sums) / self.intervals
+            self._mean = (self.version, demand, util)
+        return self._mean[1], self._mean[2]
 
     @property
     def flat(self) -> bool:
@@ -293,8 +303,7 @@ class _P:
         self.guesses += v.guess
         if movable:
             bisect.insort(self.movable, v, key=_key)
-        for t, x in enumerate(v.series):
-            self.sums[t] += x
+        self.sums = list(map(operator.add, self.sums, v.series))
 
     def remove(self, v: _V) -> None:
         self.version += 1
@@ -302,8 +311,7 @@ class _P:
         self.unsteady -= not v.flat
         self.guesses -= v.guess
         del self.movable[bisect.bisect_left(self.movable, _key(v), key=_key)]
-        for t, x in enumerate(v.series):
-            self.sums[t] -= x
+        self.sums = list(map(operator.sub, self.sums, v.series))
 
     def costs(self, intervals: int) -> list[tuple[float, float]]:
         """(shortfall, worst share) per interval, cached while nothing changes here."""
