@@ -191,7 +191,8 @@ class LibvirtHost:
         conn = self._connect()
         try:
             self._read_cpus(conn)
-            busy = {}
+            busy: dict[int, int] = {}
+            idle: dict[int, int] = {}
             for pcpu in sorted(self._online):
                 try:
                     stats = conn.getCPUStats(pcpu, 0)
@@ -202,6 +203,8 @@ class LibvirtHost:
                         raise
                     continue
                 busy[pcpu] = int(stats.get("kernel", 0)) + int(stats.get("user", 0))
+                if "idle" in stats:
+                    idle[pcpu] = int(stats["idle"]) + int(stats.get("iowait", 0))
             clock = time.monotonic()
             records = self._domain_stats(conn)
         except libvirt.libvirtError as exc:
@@ -229,6 +232,7 @@ class LibvirtHost:
         return HostSample(
             clock=clock,
             pcpu_busy_ns=busy,
+            pcpu_idle_ns=idle,
             vcpus=vcpus,
             topology=self._topology,
             memory={name: self._domains[name].memory for name in seen},

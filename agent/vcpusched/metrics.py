@@ -110,7 +110,7 @@ def families(state: LiveState) -> list[Metric]:
 
     util = GaugeMetricFamily(
         "vcpusched_pcpu_utilization_ratio",
-        "Share of the pCPU's time that was busy over the last interval.",
+        "Share of the pCPU's counted time (busy + idle) that was busy over the last interval.",
         labels=["pcpu"],
     )
     demand = GaugeMetricFamily(

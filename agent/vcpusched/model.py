@@ -42,6 +42,10 @@ class HostSample:
     # Online pCPUs only: one that goes offline drops out, one that comes online appears.
     pcpu_busy_ns: Mapping[int, int]
     vcpus: Mapping[VcpuRef, VcpuCounters]
+    # Each pCPU's idle time (iowait included), where the host counts it. With it, utilization
+    # is busy over busy + idle: time stolen by a hypervisor below this host is neither, so a
+    # pCPU that runs whenever it can reads full. Without it, busy over the wall clock.
+    pcpu_idle_ns: Mapping[int, int] = field(default_factory=dict)
     # The host's CPUs as it reports them, and each running domain's memory placement (by
     # name); `Topology()` and no entry where the host does not say.
     topology: Topology = field(default_factory=Topology)

@@ -22,6 +22,17 @@ def _percent(delta_ns: int, elapsed_s: float) -> float:
     return min(max(delta_ns / (elapsed_s * 1e7), 0.0), 100.0)
 
 
+def _utilization(before: HostSample, after: HostSample, pcpu: int, elapsed: float) -> float:
+    busy = after.pcpu_busy_ns[pcpu] - before.pcpu_busy_ns[pcpu]
+    if pcpu in after.pcpu_idle_ns and pcpu in before.pcpu_idle_ns:
+        counted = busy + after.pcpu_idle_ns[pcpu] - before.pcpu_idle_ns[pcpu]
+        if counted > 0:
+            # Out of the time the pCPU was there to run: a hypervisor below this host can
+            # take some of the wall clock, and a pCPU that runs whenever it can is full.
+            return min(max(100.0 * busy / counted, 0.0), 100.0)
+    return _percent(busy, elapsed)
+
+
 def snapshot(
     before: HostSample,
     after: HostSample,
@@ -37,8 +48,8 @@ def snapshot(
         log.warning("interval of %.3f s between samples; skipping this cycle", elapsed)
         return None
     util = {
-        pcpu: _percent(busy - before.pcpu_busy_ns[pcpu], elapsed)
-        for pcpu, busy in after.pcpu_busy_ns.items()
+        pcpu: _utilization(before, after, pcpu, elapsed)
+        for pcpu in after.pcpu_busy_ns
         if pcpu in before.pcpu_busy_ns
     }
     vcpus: list[Vcpu] = []

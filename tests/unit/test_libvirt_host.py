@@ -43,6 +43,7 @@ def test_a_sample_lists_every_vcpu_with_its_pins(host: LibvirtHost) -> None:
     sample = host.sample()
     assert set(sample.vcpus) == {VcpuRef("web", 0), VcpuRef("web", 1), VcpuRef("db", 0)}
     assert sample.pcpu_busy_ns  # one counter per online pCPU
+    assert set(sample.pcpu_idle_ns) == set(sample.pcpu_busy_ns)
     assert all(c.time_ns >= 0 and c.affinity for c in sample.vcpus.values())
     later = host.sample()
     assert later.clock > sample.clock

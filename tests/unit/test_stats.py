@@ -34,6 +34,22 @@ def test_loads_over_the_interval() -> None:
     assert (b.received, b.demand) == (pytest.approx(20.0), pytest.approx(20.0))
 
 
+def test_utilization_is_of_the_time_the_pcpu_was_there() -> None:
+    # 2 s of wall clock; pCPU 0 ran 1.5 s, idled 0.2 s and lost 0.3 s to a hypervisor below
+    # (counted as neither). /proc/stat reads it 1.5 / 1.7 busy; so must the agent.
+    # pCPU 1 has no idle counter and falls back to the wall clock.
+    before = HostSample(clock=0.0, pcpu_busy_ns={0: 0, 1: 0}, vcpus={}, pcpu_idle_ns={0: 0})
+    after = HostSample(
+        clock=2.0,
+        pcpu_busy_ns={0: 1_500_000_000, 1: 1_500_000_000},
+        vcpus={},
+        pcpu_idle_ns={0: 200_000_000},
+    )
+    snap = snapshot(before, after)
+    assert snap is not None
+    assert snap.util == {0: pytest.approx(100 * 1.5 / 1.7), 1: pytest.approx(75.0)}
+
+
 def test_new_and_restarted_vcpus_wait_a_cycle() -> None:
     before = sample(0.0, {0: 0}, {A: (5_000, 0)})
     after = sample(1.0, {0: 0}, {A: (1_000, 0), B: (10, 0)})
