@@ -16,6 +16,9 @@ moving work onto a full pCPU where it would only move the waiting is not. Two vC
 in turn add up to a steady pCPU; a placement that looks better in some intervals and worse in
 others gains less than its uncertainty and is left alone.
 
+Where steps end short of balance (they take one gain at a time), a whole partition of the
+vCPUs replaces them if it gains on their outcome `min_gain` for every pin it adds (`_repack`).
+
 The thresholds choose among steps that gain: while a *high* pCPU (above `high`, more than one
 vCPU) and a *low* one (below `low`) remain, the step taken first is the move from high to low
 that brings the low one closest to `target`. Floating vCPUs (allowed on several pCPUs, or
@@ -30,7 +33,7 @@ import heapq
 import itertools
 import math
 import operator
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,6 +70,11 @@ ROUNDS = 64
 JUDGE_BUDGET = 800
 # A vCPU whose readings over the window stay within this (points) is steady.
 FLAT_POINTS = 0.5
+# A repack (`_repack`) is searched on nodes of at most this many pCPUs: laying its bins on
+# pCPUs is quadratic in them. Within it, vCPUs whose mean demands round alike to this many
+# points count as one size, that may stay where it is.
+REPACK_PCPUS = 64
+REPACK_SIZE = 1.0
 
 
 class Planner(Protocol):
@@ -560,8 +568,11 @@ def decide(
     targets = [pcpus[n] for n in sorted(allowed)]
     if targets:
         _place([views[v.ref] for v in to_place], pcpus, targets, result)
+        start = {p.number: (tuple(p.members), tuple(p.movable)) for p in targets}
         _relieve(targets, config, intervals, result)
         _refine(targets, config, intervals, result)
+        if not to_place:
+            _repack(targets, start, config, intervals, demand_before, result)
     return Plan(
         moves=tuple(result.moves.values()),
         held=dict(result.held),
@@ -841,3 +852,132 @@ def _exchange(
             return src, dst, found[1], found[2]
         stuck[src.number, dst.number] = versions
     return None
+
+
+# -- repacking -------------------------------------------------------------------------------
+
+
+def _repack(
+    targets: list[_P],
+    start: Mapping[int, tuple[tuple[_V, ...], tuple[_V, ...]]],
+    config: Config,
+    intervals: int,
+    demand_before: Mapping[int, float],
+    result: _Plan,
+) -> None:
+    """Where a plan's steps move vCPUs, the whole placement a partition gives instead, if it
+    gains on the steps' outcome at least `min_gain` for every pin it adds to theirs.
+
+    Steps take one gain at a time and can end where no few pins gain (guests of several equal
+    vCPUs on a few pCPUs); a partition made largest first, each onto the least loaded pCPU,
+    does not. Only on readings that are known and steady enough to judge, where every pCPU
+    would have room, and on nodes of at most REPACK_PCPUS."""
+    if not result.moves or not 2 <= len(targets) <= REPACK_PCPUS:
+        return
+    movable = [v for n in sorted(start) for v in start[n][1]]
+    if not movable or any(v.guess or v.readings < MIN_READINGS for v in movable):
+        return
+    if any(v.guess for p in targets for v in p.members):
+        return
+    home = {id(v): n for n, (_, mov) in start.items() for v in mov}
+    where = _partition(movable, start)
+    pins = sum(1 for v in movable if where[id(v)] != home[id(v)])
+    steps = len(result.moves)
+    # The partition's outcome, interval by interval, against the steps' outcome.
+    sums = {p.number: [0.0] * intervals for p in targets}
+    for p in targets:
+        fixed = {id(v) for v in start[p.number][1]}
+        for v in start[p.number][0]:
+            if id(v) not in fixed:
+                sums[p.number] = list(map(operator.add, sums[p.number], v.series))
+    for v in movable:
+        n = where[id(v)]
+        sums[n] = list(map(operator.add, sums[n], v.series))
+    by_number = {p.number: p for p in targets}
+    if any(s > by_number[n].capacity + 1e-9 for n, series in sums.items() for s in series):
+        return
+    costs = [p.costs(intervals) for p in targets]
+    gains = []
+    for t in range(intervals):
+        before = [p.other + min(p.sums[t], p.capacity) for p in targets]
+        after = [by_number[n].other + sums[n][t] for n in sorted(sums)]
+        shortfall = sum(c[t][0] for c in costs)
+        gains.append(shortfall + _deviation(before) - _deviation(after))
+    readings = min(v.readings for v in movable)
+    prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
+    verdict = _verdict(gains, [0.0] * intervals, prior, pins)
+    net = verdict.gain - verdict.uncertainty
+    if net < max(0.0, config.min_gain * (pins - steps)) or (net <= 1e-9 and pins >= steps):
+        return
+    result.moves.clear()
+    for v in movable:
+        src, dst = home[id(v)], where[id(v)]
+        if src != dst:
+            result.add(
+                v,
+                by_number[src],
+                by_number[dst],
+                "repack",
+                (demand_before[src], demand_before[dst]),
+            )
+
+
+def _deviation(values: Sequence[float]) -> float:
+    """Sum of distances from the mean: between two pCPUs, the gap a step narrows."""
+    mean = sum(values) / len(values)
+    return sum(abs(x - mean) for x in values)
+
+
+def _partition(
+    movable: Sequence[_V], start: Mapping[int, tuple[tuple[_V, ...], tuple[_V, ...]]]
+) -> dict[int, int]:
+    """Each movable vCPU's pCPU (by id) in a partition made largest first, each onto the least
+    loaded bin, with the bins then laid on the pCPUs that hold most of their sizes already: so
+    vCPUs of one size, which the objective cannot tell apart, stay where they are."""
+    numbers = sorted(start)
+    fixed = {
+        n: sum(v.mean for v in start[n][0]) - sum(v.mean for v in start[n][1]) for n in numbers
+    }
+    heap = [(0.0, b) for b in range(len(numbers))]
+    bins: list[list[_V]] = [[] for _ in numbers]
+    for v in sorted(movable, key=lambda v: (-v.mean, v.ref)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(v)
+        heapq.heappush(heap, (load + v.mean, b))
+
+    def size(v: _V) -> int:
+        return round(v.mean / REPACK_SIZE)
+
+    held = {n: Counter(size(v) for v in start[n][1]) for n in numbers}
+    wanted = [Counter(size(v) for v in b) for b in bins]
+    # The bins with the least fixed work beside them take the heaviest contents first.
+    overlaps = sorted(
+        (
+            (-sum((wanted[b] & held[n]).values()), fixed[n], b, n)
+            for b in range(len(bins))
+            for n in numbers
+        ),
+    )
+    laid: dict[int, int] = {}
+    used: set[int] = set()
+    for _, _, b, n in overlaps:
+        if b not in laid and n not in used:
+            laid[b] = n
+            used.add(n)
+    # Each bin keeps the vCPUs of its sizes already on its pCPU; the rest come from the pool.
+    where: dict[int, int] = {}
+    pool: dict[int, list[_V]] = defaultdict(list)
+    missing: list[tuple[int, int]] = []
+    for b, n in sorted(laid.items()):
+        need = Counter(wanted[b])
+        for v in start[n][1]:
+            if need[size(v)] > 0:
+                need[size(v)] -= 1
+                where[id(v)] = n
+        missing.extend((n, k) for k, count in sorted(need.items()) for _ in range(count))
+    for v in movable:
+        if id(v) not in where:
+            pool[size(v)].append(v)
+    for n, k in missing:
+        where[id(pool[k].pop())] = n
+    return where

@@ -284,6 +284,49 @@ def test_guests_of_equal_vcpus_stuck_for_single_steps_are_exchanged() -> None:
     assert abs(after[0] - after[1]) < 60 - 5
 
 
+# Where the packing scenario stood after its first plans: six guests of four vCPUs (15, 20,
+# 25, 25, 30, 35) spread 85/85/90/90/85/35/65/65 over eight pCPUs. Single steps, swaps and
+# exchanges walk to 80/70 and six 75s, where no four pins gain enough; every pCPU can hold 75.
+PACKED = {
+    0: [("a", 15), ("a", 15), ("b", 20), ("f", 35)],
+    1: [("b", 20), ("b", 20), ("b", 20), ("d", 25)],
+    2: [("a", 15), ("c", 25), ("c", 25), ("c", 25)],
+    3: [("a", 15), ("d", 25), ("d", 25), ("d", 25)],
+    4: [("c", 25), ("e", 30), ("e", 30)],
+    5: [("f", 35)],
+    6: [("e", 30), ("f", 35)],
+    7: [("e", 30), ("f", 35)],
+}
+
+
+def packed(layout: dict[int, list[tuple[str, float]]]) -> Snapshot:
+    count: dict[str, int] = {}
+    vcpus = []
+    for pcpu, guests in layout.items():
+        for name, load in guests:
+            index = count[name] = count.get(name, -1) + 1
+            vcpus.append(vcpu(name, load, pcpu, index=index, pcpus=len(layout)))
+    return snapshot(vcpus, pcpus=len(layout))
+
+
+def test_where_steps_end_unbalanced_the_plan_repacks() -> None:
+    snap = packed(PACKED)
+    moves = steady(snap).moves
+    assert {m.reason for m in moves} == {"repack"}
+    assert set(apply(snap, moves).values()) == {75}
+    assert len(moves) <= 11  # the steps made 10 pins to reach 80/70
+    # And it holds: the plan on the repacked host is empty.
+    assert steady(moved(snap, moves)).moves == ()
+
+
+def test_a_repack_is_not_taken_where_the_steps_do_as_well() -> None:
+    # Classic: 8 vCPUs of 40 on one pCPU. Steps reach 80s with the least pins.
+    snap = snapshot([vcpu(f"vm{i}", 40, 0, pcpus=4) for i in range(8)], pcpus=4)
+    _, done = settle(snap)
+    assert len(done) == 6
+    assert "repack" not in {m.reason for m in done}
+
+
 def test_a_plan_records_why_it_held_back() -> None:
     snap = snapshot([vcpu(f"vm{i}", 50, None, demand=100) for i in range(4)], pcpus=2)
     assert steady(snap, readings=2).held == {"measuring": 4}
