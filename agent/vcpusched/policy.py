@@ -670,6 +670,8 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                 if tried.get((src.number, dst.number)) == versions:
                     continue
                 tried[src.number, dst.number] = versions
+                if not _readable(src, dst):
+                    continue
                 gap = src.demand - dst.demand
                 want = config.target - dst.util
                 # Moves that leave src no lower than dst come first.
@@ -697,6 +699,13 @@ def _relieve(targets: list[_P], config: Config, intervals: int, result: _Plan) -
                     break
         if not moved:
             return
+
+
+def _readable(src: _P, dst: _P) -> bool:
+    """Whether steps between the two can be judged at all (`_judge` wants MIN_READINGS of
+    everything on both). Not spending the plan's budget on those that cannot is what lets a
+    restarted agent's first plans on a crowded host judge the steps that can."""
+    return min(src.readings, dst.readings) >= MIN_READINGS
 
 
 def _count_held(verdict: _Verdict, config: Config, result: _Plan) -> None:
@@ -769,6 +778,8 @@ def _best_step(
 
 def _pair_step(src: _P, dst: _P, config: Config, intervals: int, result: _Plan) -> _Found | None:
     """The best move or swap from src to dst that gains enough, by net gain."""
+    if not _readable(src, dst):
+        return None
     gap = src.demand - dst.demand
     half = config.min_gain / 2
     options: list[tuple[float, tuple[_V, ...], tuple[_V, ...]]] = []
@@ -834,7 +845,7 @@ def _exchange(
         if gap < config.min_gain or len(dst.movable) > EXCHANGE_VCPUS:
             break
         versions = (src.version, dst.version)
-        if stuck.get((src.number, dst.number)) == versions:
+        if stuck.get((src.number, dst.number)) == versions or not _readable(src, dst):
             continue
         outs = [c for k in (1, 2) for c in itertools.combinations(src.movable, k)]
         backs = [()] + [c for k in (1, 2) for c in itertools.combinations(dst.movable, k)]
