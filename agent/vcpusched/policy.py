@@ -391,8 +391,12 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     span = 1 if flat else intervals
     cost_a, cost_b = a.costs(intervals), b.costs(intervals)
     cap_a, cap_b = a.capacity, b.capacity
-    guess_out = any(v.guess for v in out)
-    guess_back = any(v.guess for v in back)
+    # A guess is a bound on the latest reading only: judged against the others' latest.
+    latest = span - 1
+    if (any(v.guess for v in out) and _harms(b.members, back, out, latest, b.other)) or (
+        any(v.guess for v in back) and _harms(a.members, out, back, latest, a.other)
+    ):
+        return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
     gains: list[float] = []
     worsts: list[float] = []
     for t in range(span):
@@ -408,13 +412,6 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
             cb2, wb2 = _fill(_after(b.members, back, out, t), b.other)
         else:
             cb2, wb2 = 0.0, 1.0
-        # A guess is a bound on the latest reading only: judged against the others' latest.
-        latest = t == span - 1
-        if latest and (
-            (guess_out and _harms(b.members, back, out, t, b.other))
-            or (guess_back and _harms(a.members, out, back, t, a.other))
-        ):
-            return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
         gain = ca + cb - ca2 - cb2
         if not (ca2 or cb2):
             # Where everyone would get what they want, the spread of demand counts too.
