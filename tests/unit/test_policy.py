@@ -327,6 +327,16 @@ def test_a_repack_is_not_taken_where_the_steps_do_as_well() -> None:
     assert "repack" not in {m.reason for m in done}
 
 
+def test_a_first_reading_spends_no_judging() -> None:
+    # 640 vCPUs crowded on 64 of 128 pCPUs: nothing can be judged on one reading, so the plan
+    # holds them all back for readings, and leaves its budget of judged steps to the next.
+    vcpus = [vcpu(f"vm{i}", 10 + i % 7, i % 64, pcpus=128) for i in range(640)]
+    snap = snapshot(vcpus, pcpus=128)
+    first = Balancer(CFG).plan(snap, frozenset(snap.util))
+    assert first.moves == ()
+    assert first.held == {"readings": 640}
+
+
 def test_a_plan_records_why_it_held_back() -> None:
     snap = snapshot([vcpu(f"vm{i}", 50, None, demand=100) for i in range(4)], pcpus=2)
     assert steady(snap, readings=2).held == {"measuring": 4}
