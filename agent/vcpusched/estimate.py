@@ -161,7 +161,10 @@ class Estimator:
             values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
         else:
             values = [d for _, d, _ in readings]
-        kept.start = _level_start(values, kept.start)
+        # What each reading says for sure: an exact one its demand, a bound at least what
+        # it received and at most its top.
+        bounds = [(r, d) if s else (d, d) for r, d, s in readings] if kept.shorts else None
+        kept.start = _level_start(values, kept.start, bounds)
         level = values[kept.start :]
         # Before its level changed the vCPU was another one: its current level, repeated,
         # stands in for those intervals.
@@ -179,7 +182,9 @@ class Estimator:
         )
 
 
-def _level_start(values: list[float], start: int) -> int:
+def _level_start(
+    values: list[float], start: int, bounds: list[tuple[float, float]] | None = None
+) -> int:
     """Where the current level of `values` begins: a jump in the latest readings (up to
     LEVEL_READINGS of them, each beyond all the window saw before them) starts a new one; a
     jump that the readings since no longer bear out is forgotten.
@@ -203,13 +208,34 @@ def _level_start(values: list[float], start: int) -> int:
             for k in range(1, most + 1):
                 group = values[n - k :]
                 above, below = ranges[k]
-                if (all(v > above for v in group) or all(v < below for v in group)) and _jumps(
-                    values[start : n - k], group
+                if (all(v > above for v in group) or all(v < below for v in group)) and _apart(
+                    values, bounds, start, n - k
                 ):
                     return n - k
-    if start > 0 and not _jumps(values[:start], values[start:]):
+    if start > 0 and not _apart(values, bounds, 0, start):
         return 0
     return start
+
+
+def _apart(
+    values: list[float], bounds: list[tuple[float, float]] | None, first: int, split: int
+) -> bool:
+    """Whether values[split:] are another level than values[first:split].
+
+    By their spread, or for sure: where bounds are read at their top, their spread says
+    nothing (guests on a full pCPU read 50 to 100 by turns), but two readings or more that
+    lie wholly beyond what every earlier one said for sure are a change. (On a slow lab, two
+    guests set to 40 filled a pCPU and read as bounds; set to 20, they read 20 exactly where
+    each had received at least 36, and the spread of the bounds' tops hid it for a window.)"""
+    before, after = values[first:split], values[split:]
+    if bounds is not None and len(after) >= 2:
+        old, new = bounds[first:split], bounds[split:]
+        if any(lo < hi for lo, hi in old):
+            if max(hi for _, hi in new) < min(lo for lo, _ in old) - JUMP_POINTS:
+                return True
+            if min(lo for lo, _ in new) > max(hi for _, hi in old) + JUMP_POINTS:
+                return True
+    return _jumps(before, after)
 
 
 def _jumps(before: list[float], after: list[float]) -> bool:

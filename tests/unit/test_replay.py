@@ -105,3 +105,31 @@ def test_a_slowdown_of_the_whole_host_does_not_swap_equal_guests() -> None:
     assert plans[13].pcpu_demand[1] > plans[13].pcpu_demand[0]  # the swap's pretext
     moved = [(i, str(m.ref), m.dst) for i, plan in enumerate(plans[9:], 9) for m in plan.moves]
     assert moved == []
+
+
+def test_a_level_that_bounds_hid_is_seen_within_a_cycle() -> None:
+    # The lab's load-change scenario on a slow machine: four guests set to 40 read 47-50 and
+    # filled both pCPUs, so every reading was a bound (tops of 50 to 100). When two of them
+    # went to 20 they read 20-22 exactly, where each had received at least 36 before: a sure
+    # change. Judged by the spread of the tops it was none, and the agent answered only when
+    # those left the window, 14 cycles later (after the test's budget of 8).
+    plans, pins = replay(FIXTURES / "lab-loads-change-bounds.log")
+    assert len(plans) == 30
+    logged = [(int(p["cycle"]), p["domain"][-1], int(p["to"])) for p in pins]
+    assert logged == [(29, "0", 1), (29, "3", 0)]  # what the agent did
+    assert all(not plan.moves for plan in plans[:15])
+    # The switch shows in plan 14 (pCPU 1 at 48%); the next plan makes the same exchange.
+    assert plans[15].pcpu_demand[1] < 55
+    assert [(m.ref.domain[-1], m.dst) for m in plans[15].moves] == [("0", 1), ("3", 0)]
+
+
+def test_a_level_that_boot_bounds_hid_is_seen_within_two_cycles() -> None:
+    # The same scenario with the agent started while the guests still booted: their first
+    # readings were bounds of 50 to 92 (received 44 to 50), then 34-37 exactly. When two
+    # went to 20 (17-21 exactly) the boot's tops still set the spread, and the agent moved
+    # 9 cycles after pCPU 0 showed the switch (plan 16, at 96%).
+    plans, pins = replay(FIXTURES / "lab-loads-change-boot.log")
+    assert [(int(p["cycle"]), p["domain"][-1]) for p in pins] == [(25, "0"), (25, "2")]
+    assert all(not plan.moves for plan in plans[:17])
+    assert plans[17].moves
+    assert plans[17].pcpu_demand[1] < 55
