@@ -253,7 +253,11 @@ def _relief(
 
 # -- planning node by node ------------------------------------------------------------------
 
-Decide = Callable[[Snapshot, Mapping[VcpuRef, Estimate], Config, frozenset[int] | None], Plan]
+# (snapshot, estimates, config, online pCPUs, doubt per pCPU): the plan of one flat host.
+Decide = Callable[
+    [Snapshot, Mapping[VcpuRef, Estimate], Config, frozenset[int] | None, Mapping[int, float]],
+    Plan,
+]
 # Labels of CPUs outside the node being planned: beyond any CPU number the kernel gives.
 _OUTSIDE = 1 << 24
 
@@ -269,6 +273,7 @@ def plan_by_node(
     config: Config,
     online: frozenset[int],
     decide: Decide,
+    doubt: Mapping[int, float],
 ) -> Plan:
     """The plan on a host with nodes or SMT threads: each domain gets a home node
     (`home_nodes`), and each node is planned by `decide` on its own, over the threads
@@ -278,7 +283,7 @@ def plan_by_node(
     allowed = (online if config.cpus is None else online & config.cpus) & frozenset(snapshot.util)
     node_cpus = {n: cpus & allowed for n, cpus in topo.nodes.items() if cpus & allowed}
     if not node_cpus:
-        return decide(snapshot, estimates, config, online)
+        return decide(snapshot, estimates, config, online, doubt)
     pair = config.smt_pair_capacity
     cap = {n: node_capacity(topo, cpus, pair) for n, cpus in node_cpus.items()}
     sizes = {n: len(cpus) for n, cpus in node_cpus.items()}
@@ -357,7 +362,7 @@ def plan_by_node(
             use = threads_to_use(topo, usable, demands, occupied, config.target, config.low)
             mine = {r: (0 if r in inside else 1) for r in assigned}
             plan = _plan_node(
-                snapshot, estimates, config, online, decide, here, use, members, mine, 0
+                snapshot, estimates, config, online, decide, doubt, here, use, members, mine, 0
             )
             for m in plan.moves:
                 src = next(iter(m.src)) if len(m.src) == 1 else None
@@ -423,6 +428,7 @@ def _plan_node(
     config: Config,
     online: frozenset[int],
     decide: Decide,
+    doubt: Mapping[int, float],
     cpus: frozenset[int],
     use: Sequence[int],
     members: Sequence[Vcpu],
@@ -450,7 +456,9 @@ def _plan_node(
         ),
     )
     sub_config = replace(config, cpus=frozenset(label[c] for c in use))
-    plan = decide(sub, estimates, sub_config, frozenset(label[c] for c in order if c in online))
+    online_here = frozenset(label[c] for c in order if c in online)
+    doubt_here = {label[c]: d for c, d in doubt.items() if c in label}
+    plan = decide(sub, estimates, sub_config, online_here, doubt_here)
     return Plan(
         moves=tuple(
             replace(m, src=frozenset(unlabel(c) for c in m.src), dst=unlabel(m.dst))

@@ -235,10 +235,10 @@ def _apart(
                 return True
             if min(lo for lo, _ in new) > max(hi for _, hi in old) + JUMP_POINTS:
                 return True
-    return _jumps(before, after)
+    return jumps(before, after)
 
 
-def _jumps(before: list[float], after: list[float]) -> bool:
+def jumps(before: list[float], after: list[float]) -> bool:
     """Whether the mean of `after` differs from that of `before` beyond their spread."""
     m1, m2 = sum(before) / len(before), sum(after) / len(after)
     ss = sum((x - m1) ** 2 for x in before) + sum((x - m2) ** 2 for x in after)

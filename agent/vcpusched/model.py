@@ -115,6 +115,8 @@ class Plan:
     held: Mapping[str, int] = field(default_factory=dict)
     # The policy's estimate of each pCPU's demand, before the moves.
     pcpu_demand: Mapping[int, float] = field(default_factory=dict)
+    # Doubts learnt this cycle, from the readings after a step: pCPU -> (points, cycles kept).
+    doubts: Mapping[int, tuple[float, int]] = field(default_factory=dict)
 
 
 def excluded(patterns: Sequence[str], domain: str) -> bool:

@@ -40,7 +40,7 @@ from typing import Protocol
 
 from vcpusched import capacity
 from vcpusched.config import Config
-from vcpusched.estimate import Estimate, Estimator
+from vcpusched.estimate import WINDOW, Estimate, Estimator, jumps, short
 from vcpusched.model import Move, Plan, Snapshot, Vcpu, VcpuRef
 
 CAPACITY = 100.0
@@ -75,6 +75,12 @@ FLAT_POINTS = 0.5
 # points count as one size, that may stay where it is.
 REPACK_PCPUS = 64
 REPACK_SIZE = 1.0
+# Cycles a pCPU's doubt (`_Outcomes`) is kept at first: long enough that a pCPU which runs
+# its guests slower is not tried again within a few windows of readings, short enough that a
+# drift that has passed stops asking more of every step there. Each surprise in a row doubles
+# it, up to DOUBT_DOUBLINGS times.
+DOUBT_CYCLES = 4 * WINDOW
+DOUBT_DOUBLINGS = 4
 
 
 class Planner(Protocol):
@@ -90,12 +96,15 @@ class Balancer:
     """Everything the policy remembers across cycles, and the plan made from it.
 
     It is fed each cycle's measured snapshot (`plan`) and the moves really pinned (`applied`);
-    what it remembers is each vCPU's window of readings (`estimate.Estimator`).
+    what it remembers is each vCPU's window of readings (`estimate.Estimator`), and what the
+    readings said after its last steps (`_Outcomes`).
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._estimator = Estimator()
+        self._outcomes = _Outcomes()
+        self._estimates: Mapping[VcpuRef, Estimate] = {}
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -103,17 +112,91 @@ class Balancer:
     def forget(self) -> None:
         """Drop the readings: after a reconnect the counters may have moved on without us."""
         self._estimator.forget()
+        self._outcomes = _Outcomes()
+        self._estimates = {}
 
     def plan(self, snapshot: Snapshot, online: frozenset[int]) -> Plan:
         estimates = self._estimator.update(snapshot)
+        self._estimates = estimates
+        doubt, learnt = self._outcomes.update(snapshot)
         snapshot = self._estimator.smooth_host_work(snapshot)
         if capacity.flat(snapshot.topology):
-            return decide(snapshot, estimates, self.config, online)
-        return capacity.plan_by_node(snapshot, estimates, self.config, online, decide)
+            plan = decide(snapshot, estimates, self.config, online, doubt)
+        else:
+            plan = capacity.plan_by_node(snapshot, estimates, self.config, online, decide, doubt)
+        return dataclasses.replace(plan, doubts=learnt) if learnt else plan
 
     def applied(self, moves: Sequence[Move]) -> None:
         """What was really pinned. A demand does not depend on where it was read, so the
-        estimates carry over a move unchanged; nothing else is kept."""
+        estimates carry over a move unchanged; the readings after it are checked for that."""
+        self._outcomes.applied(moves, self._estimates)
+
+
+@dataclass(slots=True)
+class _Moved:
+    src: int
+    dst: int
+    level: tuple[float, ...]  # its current level's readings when it moved
+    after: list[float] = field(default_factory=list)
+
+
+class _Outcomes:
+    """What the readings after each step said of the premise of every plan: that a vCPU's
+    demand is the same wherever it runs. Where a vCPU the policy moved, steady and known, reads
+    another level at its new pCPU than at its old one, the readings depend on the pCPUs (one
+    that runs its guests slower, or a drift of the host below), and swapping equal guests
+    between them would chase that. So for a while a step on either pCPU must gain that much
+    more: its doubt, in points. The while is DOUBT_CYCLES, doubled each time the pCPU's next
+    step is surprised again, and reset by a step whose vCPUs read as before (the lab case is
+    in docs/policy-history.md)."""
+
+    def __init__(self) -> None:
+        self._moved: dict[VcpuRef, _Moved] = {}
+        self._doubt: dict[int, tuple[float, int]] = {}  # pCPU -> (points, cycle it ends)
+        self._surprises: Counter[int] = Counter()  # in a row, per pCPU
+        self._cycle = 0
+
+    def applied(self, moves: Sequence[Move], estimates: Mapping[VcpuRef, Estimate]) -> None:
+        for m in moves:
+            e = estimates.get(m.ref)
+            if len(m.src) != 1 or e is None or e.guess or e.readings < MIN_READINGS:
+                self._moved.pop(m.ref, None)  # nothing known to compare with
+                continue
+            self._moved[m.ref] = _Moved(next(iter(m.src)), m.dst, e.series[-e.readings :])
+
+    def update(self, snapshot: Snapshot) -> tuple[dict[int, float], dict[int, tuple[float, int]]]:
+        """Take this interval's readings of the moved vCPUs: the doubt per pCPU now, and the
+        doubts learnt from them (points, cycles kept)."""
+        self._cycle += 1
+        found: dict[int, float] = defaultdict(float)
+        confirmed: set[int] = set()
+        seen = {v.ref: v for v in snapshot.vcpus}
+        for ref, m in list(self._moved.items()):
+            vcpu = seen.get(ref)
+            if vcpu is None or vcpu.pcpu != m.dst or short(vcpu):
+                del self._moved[ref]  # gone, moved on, or its demand is no longer known
+                continue
+            m.after.append(vcpu.demand)
+            if len(m.after) < MIN_READINGS:
+                continue
+            del self._moved[ref]
+            if jumps(list(m.level), m.after):
+                change = abs(sum(m.after) / len(m.after) - sum(m.level) / len(m.level))
+                found[m.src] += change
+                found[m.dst] += change
+            else:
+                confirmed |= {m.src, m.dst}
+        for p in confirmed - found.keys():
+            self._surprises.pop(p, None)
+        learnt: dict[int, tuple[float, int]] = {}
+        for p, points in found.items():
+            self._surprises[p] += 1
+            keep = DOUBT_CYCLES << min(self._surprises[p] - 1, DOUBT_DOUBLINGS)
+            kept, _ = self._doubt.get(p, (0.0, 0))
+            self._doubt[p] = (max(points, kept), self._cycle + keep)
+            learnt[p] = (round(points, 1), keep)
+        self._doubt = {p: d for p, d in self._doubt.items() if d[1] > self._cycle}
+        return {p: points for p, (points, _) in self._doubt.items()}, learnt
 
 
 def allowed_pcpus(config: Config, online: Iterable[int]) -> frozenset[int]:
@@ -247,6 +330,7 @@ class _P:
     number: int
     other: float  # utilization its vCPUs do not explain, read over the window (estimate)
     intervals: int
+    doubt: float = 0.0  # points a step here must gain beyond its own uncertainty (`_Outcomes`)
     members: list[_V] = field(default_factory=list)  # every vCPU anchored here
     movable: list[_V] = field(default_factory=list)  # those the plan may move, by mean demand
     sums: list[float] = field(default_factory=list)  # members' demand per interval
@@ -365,6 +449,7 @@ class _Verdict:
     uncertainty: float
     worst: float  # mean change of the worst-off share on the two pCPUs, points
     pins: int
+    doubt: float = 0.0  # the part of the uncertainty the pCPUs' doubt adds
 
     def net(self, min_gain: float) -> float:
         """What it gains beyond its uncertainty and the least gain worth it: min_gain for a
@@ -423,23 +508,27 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     pins = len(out) + len(back)
     # Every vCPU a step moves brings its own unknown noise.
     prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
-    verdict = _verdict(gains, worsts, prior, pins)
+    verdict = _verdict(gains, worsts, prior, pins, max(a.doubt, b.doubt))
     if readings < span:
         # A level that began since is repeated over the intervals before it, where the others
         # show what they read then: the step must also gain over the intervals all of them
         # were read in. (A slowdown of the whole host restarted one guest's level and not its
         # twin's, and the padding alone called for swapping them.)
-        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins)
+        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins, verdict.doubt)
         least = min(verdict, recent, key=lambda v: v.gain - v.uncertainty)
         verdict = dataclasses.replace(least, worst=min(verdict.worst, recent.worst))
     return verdict
 
 
-def _verdict(gains: Sequence[float], worsts: Sequence[float], prior: float, pins: int) -> _Verdict:
+def _verdict(
+    gains: Sequence[float], worsts: Sequence[float], prior: float, pins: int, doubt: float = 0.0
+) -> _Verdict:
     n = len(gains)
     mean = sum(gains) / n
     spread = _standard_error(gains, mean) if n > 1 else 0.0
-    return _Verdict(mean, math.hypot(spread, prior), sum(worsts) / n, pins)
+    # The doubt is added, not combined with the spread: it is a bias of the readings, which
+    # more of them do not average away.
+    return _Verdict(mean, math.hypot(spread, prior) + doubt, sum(worsts) / n, pins, doubt)
 
 
 def _after(
@@ -513,8 +602,10 @@ def decide(
     estimates: Mapping[VcpuRef, Estimate],
     config: Config,
     online: frozenset[int] | None = None,
+    doubt: Mapping[int, float] | None = None,
 ) -> Plan:
-    """The plan for `snapshot`, judged on the estimates; empty when nothing gains enough."""
+    """The plan for `snapshot`, judged on the estimates; empty when nothing gains enough.
+    `doubt` is what a step on each pCPU must gain beyond its own uncertainty (`_Outcomes`)."""
     online = frozenset(snapshot.util) if online is None else online
     allowed = allowed_pcpus(config, online) & frozenset(snapshot.util)
     intervals = max((len(e.series) for e in estimates.values()), default=1)
@@ -555,7 +646,8 @@ def decide(
         to_place = [v for v in to_place if v.pcpu is not None]
     floating = [v for v in to_place if v.pcpu is None]
     other = _other_work(snapshot, floating)
-    pcpus = {n: _P(n, other[n], intervals) for n in snapshot.util}
+    doubt = doubt or {}
+    pcpus = {n: _P(n, other[n], intervals, doubt.get(n, 0.0)) for n in snapshot.util}
     for vcpu in snapshot.vcpus:
         home = vcpu.pcpu
         if home is None or home not in pcpus:
@@ -913,7 +1005,9 @@ def _repack(
         gains.append(shortfall + _deviation(before) - _deviation(after))
     readings = min(v.readings for v in movable)
     prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
-    verdict = _verdict(gains, [0.0] * intervals, prior, pins)
+    ends = [(home[id(v)], where[id(v)]) for v in movable if home[id(v)] != where[id(v)]]
+    doubt = max((by_number[n].doubt for pair in ends for n in pair), default=0.0)
+    verdict = _verdict(gains, [0.0] * intervals, prior, pins, doubt)
     net = verdict.gain - verdict.uncertainty
     if net < max(0.0, config.min_gain * (pins - steps)) or (net <= 1e-9 and pins >= steps):
         return

@@ -104,6 +104,8 @@ class Agent:
         self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
         if log.isEnabledFor(logging.DEBUG):
             _log_readings(measured, self.plan)
+        for pcpu, (points, cycles) in sorted(self.plan.doubts.items()):
+            log.info(event("doubt", pcpu=pcpu, points=points, cycles=cycles))
         moves = list(self.plan.moves)
         if self.config.dry_run:
             self._log_dry_run(moves)

@@ -459,6 +459,23 @@ def checks(runs: Sequence[ScenarioRun]) -> list[Check]:
             )
         )
 
+    for s in (s for s, _ in ours if s.slowdown):
+        run = by_name[s.name]
+        later = run.traces[OURS].moves[BURSTY_SETTLE + 1 :]
+        rate = 100.0 * sum(later) / max(len(later), 1)
+        mine, alone = run.results[OURS], run.results.get("static")
+        worse_than_alone = alone is not None and round(mine.sd, 1) > round(alone.sd, 1)
+        out.append(
+            Check(
+                "a pCPU that runs its guests slower: not chased, at most"
+                f" {BURSTY_PINS:g} pins per 100 cycles after cycle {BURSTY_SETTLE}",
+                rate <= BURSTY_PINS and not worse_than_alone if s.cycles >= 300 else None,
+                f"{s.name}: {sum(run.traces[OURS].moves)} pins in {s.cycles} cycles,"
+                f" {rate:.1f} per 100 after {BURSTY_SETTLE}; SD {mine.sd:.1f}"
+                + (f" (left alone {alone.sd:.1f})" if alone else ""),
+            )
+        )
+
     over = [s for s, _ in ours if s.oversubscribed]
     for s in over:
         run = by_name[s.name]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vcpusched.host import DomainGone, PinError, ThreadPins
@@ -266,6 +267,7 @@ class SimHost:
         seed: int = 0,
         clock: float = 0.0,
         queueing: bool = False,
+        slowdown: Mapping[int, float] | None = None,
     ) -> None:
         if pcpus < 1:
             raise ValueError("a host needs at least one pCPU")
@@ -276,6 +278,9 @@ class SimHost:
         # Whether a vCPU that gets all it wants still waits behind the others on its pCPU, as
         # on a real host (see `queue_wait`); off, it never waits, and idling tells at once.
         self.queueing = queueing
+        # How much longer a vCPU's work takes on each pCPU than its nominal demand says (1 by
+        # default): a pCPU that runs its guests slower, as a cloud host's can (the lab's).
+        self.slowdown = dict(slowdown or {})
         self.topology = Topology.flat(self.pcpus)  # one node, no SMT, no shared cache
         self.domains = {d.name: d for d in domains}
         self.now = clock
@@ -424,6 +429,8 @@ class SimHost:
     def _demand(self, ref: VcpuRef, noisy: bool) -> float:
         vcpu = self._vcpus[ref]
         demand = vcpu.load.nominal(self.now - self.origin)
+        if self.slowdown:
+            demand *= statistics.fmean(self.slowdown.get(p, 1.0) for p in vcpu.affinity)
         if noisy:
             demand *= vcpu.factor
         return min(max(demand, 0.0), FULL)

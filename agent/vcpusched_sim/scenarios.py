@@ -39,6 +39,8 @@ class Scenario:
     from_full: bool = False
     # Satisfied vCPUs wait behind the others, as on a real host (`SimHost.queueing`).
     queueing: bool = False
+    # pCPUs that run their guests slower, by how much (`SimHost.slowdown`).
+    slowdown: tuple[tuple[int, float], ...] = ()
 
     @property
     def managed_pcpus(self) -> tuple[int, ...]:
@@ -49,7 +51,13 @@ class Scenario:
         return sum(len(d.loads) for d in self.domains)
 
     def host(self) -> SimHost:
-        return SimHost(self.pcpus, self.domains, seed=self.seed, queueing=self.queueing)
+        return SimHost(
+            self.pcpus,
+            self.domains,
+            seed=self.seed,
+            queueing=self.queueing,
+            slowdown=dict(self.slowdown),
+        )
 
     def scope(self) -> Scope:
         return Scope(self.managed_pcpus, self.exclude)
@@ -416,6 +424,19 @@ def _packing() -> Scenario:
     )
 
 
+def _slow_pcpu() -> Scenario:
+    # The lab's load-change scenario on a cloud host whose second pCPU ran its guests slower:
+    # guests set to 40 read 35-36 on pCPU 0 and 45-47 on pCPU 1.
+    return Scenario(
+        "slow-pcpu",
+        "4 guests of 36% on 2 pCPUs, two on each, the work taking 1.28 times as long on pCPU 1"
+        " (72/92): no placement is better, one swap may try",
+        2,
+        round_robin(4, 2, load=36.0),
+        slowdown=((1, 1.28),),
+    )
+
+
 def _mixed_full(name: str, loads: list[float], pcpus: int) -> Scenario:
     return Scenario(
         name,
@@ -479,6 +500,7 @@ def _build() -> dict[str, Scenario]:
         _oversubscribed(),
         _oversubscribed_lab(),
         _packing(),
+        _slow_pcpu(),
         _mixed_full("mixed-full-2", [70.0, 50.0, 30.0, 10.0], 2),
         _mixed_full("mixed-full", [70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 20.0, 10.0], 4),
         _huge(),

@@ -44,6 +44,7 @@ def replay(path: Path, config: Config | None = None) -> tuple[list[Plan], list[d
             util = {int(p): float(u) for p, u in (x.split(":") for x in f["util"].split(","))}
             snapshot = Snapshot(util, tuple(sorted(vcpus, key=lambda v: v.ref)))
             plans.append(balancer.plan(snapshot, frozenset(util)))
+            balancer.applied(plans[-1].moves)  # as the agent did: the log's pins say so
             vcpus = []
         elif name in ("place", "move"):
             pins.append({"cycle": str(len(plans)), "event": name, **f})

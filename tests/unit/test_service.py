@@ -156,3 +156,23 @@ def test_at_debug_every_cycle_logs_its_readings_and_plan(caplog: pytest.LogCaptu
         caplog.clear()
         _run(agent, host, 2)
     assert not [r for r in caplog.records if r.getMessage().startswith(("reading ", "plan "))]
+
+
+def test_a_step_whose_vcpus_read_another_level_logs_a_doubt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Four guests of 36, two per pCPU, on a host whose pCPU 1 runs the same work 1.28 times
+    # as long: the agent swaps once, the moved guests read what the pCPUs give, and the doubt
+    # that holds the next swap is audited on both pCPUs.
+    domains = [DomainSpec(f"vm{i}", (constant(36.0),), (frozenset({i % 2}),)) for i in range(4)]
+    host = SimHost(2, domains, slowdown={1: 1.28})
+    agent = Agent(host, Config())
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 30)
+    messages = [r.getMessage() for r in caplog.records]
+    moves = [m for m in messages if m.startswith("move ")]
+    doubts = [m for m in messages if m.startswith("doubt ")]
+    assert len(moves) == 2, moves
+    found = [re.fullmatch(r"doubt pcpu=(\d) points=(\d+\.\d) cycles=64", m) for m in doubts]
+    assert [m[1] for m in found if m] == ["0", "1"], doubts
+    assert all(15.0 < float(m[2]) < 25.0 for m in found if m), doubts
