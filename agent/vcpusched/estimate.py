@@ -13,10 +13,12 @@ vCPUs that burst in turn add up to a steady pCPU, two that burst together do not
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import statistics
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vcpusched.model import Snapshot, Vcpu, VcpuRef
@@ -42,6 +44,10 @@ LEVEL_READINGS = 3
 # 50% guest sharing full pCPUs with 100% ones idles in bursts, and only the mean of several
 # intervals ranks the two kinds apart (see docs/policy-history.md).
 PLACE_SAMPLES = 8
+
+
+# (received, demand, short) per reading, the latest last.
+Readings = Sequence[tuple[float, float, bool]]
 
 
 def short(vcpu: Vcpu) -> bool:
@@ -78,6 +84,10 @@ class _History:
     affinity: frozenset[int]
     # (received, demand, short) per reading, the latest last.
     readings: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    # The same readings' demands alone, and whether each was exact: what every estimate
+    # starts from, copied in one go.
+    demands: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    exacts: deque[bool] = field(default_factory=lambda: deque(maxlen=WINDOW))
     # The latest exact reading, kept after it has left the window.
     exact: float | None = None
     # Where in `readings` the current level began (its latest change).
@@ -144,6 +154,8 @@ class Estimator:
                 kept.start = max(0, kept.start - 1)
                 kept.shorts -= kept.readings[0][2]
             kept.readings.append((vcpu.received, vcpu.demand, is_short))
+            kept.demands.append(vcpu.demand)
+            kept.exacts.append(not is_short)
             kept.shorts += is_short
             if not is_short:
                 kept.exact = vcpu.demand
@@ -155,16 +167,14 @@ class Estimator:
     def _estimate(self, kept: _History, floating: bool) -> Estimate:
         readings = kept.readings
         if kept.shorts:
-            known = [d for _, d, s in readings if not s]
+            known = list(itertools.compress(kept.demands, kept.exacts))
             if kept.exact is not None:
                 known.append(kept.exact)
+            known.sort()
             values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
         else:
-            values = [d for _, d, _ in readings]
-        # What each reading says for sure: an exact one its demand, a bound at least what
-        # it received and at most its top.
-        bounds = [(r, d) if s else (d, d) for r, d, s in readings] if kept.shorts else None
-        kept.start = _level_start(values, kept.start, bounds)
+            values = list(kept.demands)
+        kept.start = _level_start(values, kept.start, readings if kept.shorts else None)
         level = values[kept.start :]
         # Before its level changed the vCPU was another one: its current level, repeated,
         # stands in for those intervals.
@@ -182,9 +192,7 @@ class Estimator:
         )
 
 
-def _level_start(
-    values: list[float], start: int, bounds: list[tuple[float, float]] | None = None
-) -> int:
+def _level_start(values: list[float], start: int, readings: Readings | None = None) -> int:
     """Where the current level of `values` begins: a jump in the latest readings (up to
     LEVEL_READINGS of them, each beyond all the window saw before them) starts a new one; a
     jump that the readings since no longer bear out is forgotten.
@@ -209,17 +217,15 @@ def _level_start(
                 group = values[n - k :]
                 above, below = ranges[k]
                 if (all(v > above for v in group) or all(v < below for v in group)) and _apart(
-                    values, bounds, start, n - k
+                    values, readings, start, n - k
                 ):
                     return n - k
-    if start > 0 and not _apart(values, bounds, 0, start):
+    if start > 0 and not _apart(values, readings, 0, start):
         return 0
     return start
 
 
-def _apart(
-    values: list[float], bounds: list[tuple[float, float]] | None, first: int, split: int
-) -> bool:
+def _apart(values: list[float], readings: Readings | None, first: int, split: int) -> bool:
     """Whether values[split:] are another level than values[first:split].
 
     By their spread, or for sure: where bounds are read at their top, their spread says
@@ -228,7 +234,10 @@ def _apart(
     guests set to 40 filled a pCPU and read as bounds; set to 20, they read 20 exactly where
     each had received at least 36, and the spread of the bounds' tops hid it for a window.)"""
     before, after = values[first:split], values[split:]
-    if bounds is not None and len(after) >= 2:
+    if readings is not None and len(after) >= 2:
+        # What each reading says for sure: an exact one its demand, a bound at least what
+        # it received and at most its top.
+        bounds = [(r, d) if s else (d, d) for r, d, s in readings]
         old, new = bounds[first:split], bounds[split:]
         if any(lo < hi for lo, hi in old):
             if max(hi for _, hi in new) < min(lo for lo, _ in old) - JUMP_POINTS:
@@ -248,9 +257,10 @@ def jumps(before: list[float], after: list[float]) -> bool:
     return bool(abs(m2 - m1) > max(bar, JUMP_POINTS))
 
 
-def _read_bound(received: float, demand: float, known: Iterable[float]) -> float:
-    """A short reading's demand: the largest exact reading it allows, else its top, all the
-    time it was runnable. That top is a guess: the policy never lets it crowd out a vCPU whose
-    demand is known, and a pCPU that takes one takes nothing more until its next reading."""
-    inside = [k for k in known if received - SHORT <= k <= demand]
-    return max(inside) if inside else demand
+def _read_bound(received: float, demand: float, known: Sequence[float]) -> float:
+    """A short reading's demand: the largest exact reading it allows (`known`, sorted), else
+    its top, all the time it was runnable. That top is a guess: the policy never lets it
+    crowd out a vCPU whose demand is known, and a pCPU that takes one takes nothing more
+    until its next reading."""
+    i = bisect.bisect_right(known, demand)
+    return known[i - 1] if i and known[i - 1] >= received - SHORT else demand
