@@ -798,9 +798,11 @@ def _readable(src: _P, dst: _P) -> bool:
 
 
 def _count_held(verdict: _Verdict, config: Config, result: _Plan) -> None:
-    # A step that would gain enough on its mean but not beyond its uncertainty.
-    if verdict.gain - config.min_gain >= 0 > verdict.net(config.min_gain):
-        result.held["uncertain"] += 1
+    # A step that would gain enough on its mean but not beyond its uncertainty: `doubt` where
+    # the pCPUs' doubt alone holds it (`_Outcomes`).
+    net = verdict.net(config.min_gain)
+    if verdict.gain - config.min_gain >= 0 > net:
+        result.held["doubt" if net + verdict.doubt >= 0 else "uncertain"] += 1
 
 
 _Found = tuple[float, tuple[_V, ...], tuple[_V, ...]]

@@ -543,3 +543,19 @@ def test_a_load_change_beside_a_slow_pcpu_is_still_answered(seed: int) -> None:
     assert later, [f"{c}: {m}" for c, m in log]
     assert min(later) <= 30 + 3, [f"{c}: {m}" for c, m in log]
     assert len({c for c, _ in log if c < 30}) <= 1
+
+
+def test_a_step_the_doubt_alone_holds_is_counted_as_such() -> None:
+    balancer = Balancer(Config())
+    held: list[dict[str, int]] = []
+    where = {f"g{i}": i % 2 for i in range(4)}
+    slow = {0: 1.0, 1: 1.28}
+    for _ in range(12):
+        vcpus = [vcpu(g, 0.0, p, demand=36.0 * slow[p]) for g, p in where.items()]
+        plan = balancer.plan(snapshot(vcpus, 2), frozenset({0, 1}))
+        for m in plan.moves:
+            where[m.ref.domain] = m.dst
+        balancer.applied(plan.moves)
+        held.append(dict(plan.held))
+    assert held[-1].get("doubt"), held  # the swap back, and its twin, held by the doubt
+    assert not held[-1].get("uncertain"), held
