@@ -81,6 +81,29 @@ def format_cpus(cpus: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def release_affinity(pid: int, cpus: set[int]) -> None:
+    """Let every thread of a process run on `cpus`.
+
+    libvirtd's worker threads come and go, so a thread may vanish between the listing and the
+    call (what made `taskset -a` fail), and one may be born of a thread not yet set: passes
+    repeat until one finds every thread already on `cpus`.
+    """
+    task_dir = Path(f"/proc/{pid}/task")
+    for _ in range(50):
+        changed = False
+        for entry in task_dir.iterdir():
+            tid = int(entry.name)
+            try:
+                if os.sched_getaffinity(tid) != cpus:
+                    os.sched_setaffinity(tid, cpus)
+                    changed = True
+            except ProcessLookupError:
+                continue  # the thread ended: nothing left to set
+        if not changed:
+            return
+    raise LabError(f"threads of pid {pid} kept starting on other pCPUs than {format_cpus(cpus)}")
+
+
 def process_alive(pid: int, comm: str) -> bool:
     """True if `pid` exists and is still the program we started (guards against PID reuse)."""
     try:
@@ -165,11 +188,7 @@ class Libvirtd:
                 raise LabError(f"libvirtd did not answer within 60 s; see {self.run_dir}")
             time.sleep(0.05)
         # QEMU processes inherit libvirtd's affinity: give all pCPUs back.
-        subprocess.run(
-            ["taskset", "-a", "-p", "-c", format_cpus(online_pcpus()), str(pid)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        release_affinity(pid, set(online_pcpus()))
         return True
 
     def stop(self) -> None:
