@@ -67,6 +67,9 @@ class Estimate:
     guess: bool
     # A floating vCPU still being measured before it is placed.
     measuring: bool = False
+    # Where the series holds a bound read at its top, what the readings say it wanted for
+    # sure: what it received there (the series' own value elsewhere). None where it holds none.
+    floor: tuple[float, ...] | None = None
 
     @property
     def mean(self) -> float:
@@ -166,30 +169,46 @@ class Estimator:
 
     def _estimate(self, kept: _History, floating: bool) -> Estimate:
         readings = kept.readings
+        floors: list[float] | None = None
         if kept.shorts:
             known = list(itertools.compress(kept.demands, kept.exacts))
             if kept.exact is not None:
                 known.append(kept.exact)
             known.sort()
-            values = [d if not s else _read_bound(r, d, known) for r, d, s in readings]
+            values = []
+            floors = []
+            for r, d, s in readings:
+                value = _read_bound(r, d, known) if s else d
+                # A bound read at its top says for sure only what the vCPU received.
+                values.append(d if value is None else value)
+                floors.append(r if value is None else value)
         else:
             values = list(kept.demands)
         kept.start = _level_start(values, kept.start, readings if kept.shorts else None)
-        level = values[kept.start :]
+        series = self._padded(values[kept.start :])
+        floor = None
+        if floors is not None:
+            level_floors = floors[kept.start :]
+            if level_floors != values[kept.start :]:
+                floor = self._padded(level_floors)
+        is_short = readings[-1][2]
+        ever_short = kept.shorts > 0
+        return Estimate(
+            series=series,
+            readings=len(values) - kept.start,
+            guess=is_short,
+            measuring=floating and ever_short and len(readings) < PLACE_SAMPLES,
+            floor=floor,
+        )
+
+    def _padded(self, level: list[float]) -> tuple[float, ...]:
         # Before its level changed the vCPU was another one: its current level, repeated,
         # stands in for those intervals.
         pad = self._intervals - len(level)
         series = tuple(level)
         if pad:
             series = tuple(level[i % len(level)] for i in range(-pad, 0)) + series
-        is_short = readings[-1][2]
-        ever_short = kept.shorts > 0
-        return Estimate(
-            series=series,
-            readings=len(level),
-            guess=is_short,
-            measuring=floating and ever_short and len(readings) < PLACE_SAMPLES,
-        )
+        return series
 
 
 def _level_start(values: list[float], start: int, readings: Readings | None = None) -> int:
@@ -257,10 +276,11 @@ def jumps(before: list[float], after: list[float]) -> bool:
     return bool(abs(m2 - m1) > max(bar, JUMP_POINTS))
 
 
-def _read_bound(received: float, demand: float, known: Sequence[float]) -> float:
+def _read_bound(received: float, demand: float, known: Sequence[float]) -> float | None:
     """A short reading's demand: the largest exact reading it allows (`known`, sorted), else
-    its top, all the time it was runnable. That top is a guess: the policy never lets it
-    crowd out a vCPU whose demand is known, and a pCPU that takes one takes nothing more
-    until its next reading."""
+    None: then it is read at its top, all the time it was runnable. That top is a guess: the
+    policy never lets it crowd out a vCPU whose demand is known, a pCPU that takes one takes
+    nothing more until its next reading, and a step must gain with it at its floor too
+    (`Estimate.floor`)."""
     i = bisect.bisect_right(known, demand)
-    return known[i - 1] if i and known[i - 1] >= received - SHORT else demand
+    return known[i - 1] if i and known[i - 1] >= received - SHORT else None

@@ -311,6 +311,7 @@ class _V:
     flat: bool
     readings: int
     guess: bool
+    floor: tuple[float, ...] | None = None  # Estimate.floor, fitted to the series
 
     @property
     def ref(self) -> VcpuRef:
@@ -450,6 +451,9 @@ class _Verdict:
     worst: float  # mean change of the worst-off share on the two pCPUs, points
     pins: int
     doubt: float = 0.0  # the part of the uncertainty the pCPUs' doubt adds
+    # Its gain beyond its uncertainty where the vCPUs it sends that are known by tops want
+    # only what they received (their floor): a condition on the step, not its value.
+    floor: float = math.inf
 
     def net(self, min_gain: float) -> float:
         """What it gains beyond its uncertainty and the least gain worth it: min_gain for a
@@ -464,7 +468,10 @@ class _Verdict:
 
     def taken(self, min_gain: float) -> bool:
         # Worst-off first: less shortfall in all does not pay for a worse-off vCPU.
-        return self.net(min_gain) >= -1e-9 and self.worst >= -1e-6
+        return self.net(min_gain) >= -1e-9 and self.worst >= -1e-6 and self.floored(min_gain)
+
+    def floored(self, min_gain: float) -> bool:
+        return self.floor - min_gain * max(1, self.pins - 1) >= -1e-9
 
 
 def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) -> _Verdict:
@@ -508,16 +515,59 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     pins = len(out) + len(back)
     # Every vCPU a step moves brings its own unknown noise.
     prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
-    verdict = _verdict(gains, worsts, prior, pins, max(a.doubt, b.doubt))
-    if readings < span:
+    verdict = _least(gains, worsts, prior, pins, max(a.doubt, b.doubt), readings)
+    if any(v.floor is not None for v in out):
+        # A vCPU sent on bounds read at their top may want no more than it received: the step
+        # must gain then too. (Beside a burst of host work every guest of a balanced host read
+        # short, and one known only by tops of 57-87 was swapped for a twin read at 44.)
+        gains, worsts = _floored(a, b, out, back, span)
+        floor = _least(gains, worsts, prior, pins, verdict.doubt, readings)
+        verdict = dataclasses.replace(verdict, floor=floor.gain - floor.uncertainty)
+    return verdict
+
+
+def _least(
+    gains: list[float], worsts: list[float], prior: float, pins: int, doubt: float, readings: int
+) -> _Verdict:
+    verdict = _verdict(gains, worsts, prior, pins, doubt)
+    if readings < len(gains):
         # A level that began since is repeated over the intervals before it, where the others
         # show what they read then: the step must also gain over the intervals all of them
         # were read in. (A slowdown of the whole host restarted one guest's level and not its
         # twin's, and the padding alone called for swapping them.)
-        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins, verdict.doubt)
+        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins, doubt)
         least = min(verdict, recent, key=lambda v: v.gain - v.uncertainty)
         verdict = dataclasses.replace(least, worst=min(verdict.worst, recent.worst))
     return verdict
+
+
+def _floored(
+    a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], span: int
+) -> tuple[list[float], list[float]]:
+    """`_judge`'s gains and worst-share changes per interval with each vCPU of `out` at its
+    floor, on both pCPUs, before the step and after. Slower than `_judge`'s own loop (no
+    cached costs), and asked only of steps that send a vCPU known by tops."""
+    gone = {id(v) for v in (*out, *back)}
+    gains: list[float] = []
+    worsts: list[float] = []
+    for t in range(span):
+        sent = [v.series[t] if v.floor is None else v.floor[t] for v in out]
+        came = [v.series[t] for v in back]
+        stay_a = [m.series[t] for m in a.members if id(m) not in gone]
+        stay_b = [m.series[t] for m in b.members if id(m) not in gone]
+        sa, sb = sum(stay_a) + sum(sent), sum(stay_b) + sum(came)
+        sa2, sb2 = sum(stay_a) + sum(came), sum(stay_b) + sum(sent)
+        ca, wa = _fill([*stay_a, *sent], a.other)
+        cb, wb = _fill([*stay_b, *came], b.other)
+        ca2, wa2 = _fill([*stay_a, *came], a.other)
+        cb2, wb2 = _fill([*stay_b, *sent], b.other)
+        gain = ca + cb - ca2 - cb2
+        if not (ca2 or cb2):
+            gap = (min(sa, a.capacity) + a.other) - (min(sb, b.capacity) + b.other)
+            gain += abs(gap) - abs((sa2 + a.other) - (sb2 + b.other))
+        gains.append(gain)
+        worsts.append(100.0 * (min(wa2, wb2) - min(wa, wb)))
+    return gains, worsts
 
 
 def _verdict(
@@ -613,16 +663,16 @@ def decide(
     views: dict[VcpuRef, _V] = {}
     for vcpu in snapshot.vcpus:
         e = estimates.get(vcpu.ref)
-        series = e.series if e is not None else (vcpu.demand,)
-        series = series[-intervals:]
-        if len(series) < intervals:
-            series = (series[0],) * (intervals - len(series)) + series
+        series = _fitted(e.series if e is not None else (vcpu.demand,), intervals)
+        floor = None if e is None or e.floor is None else _fitted(e.floor, intervals)
         mean = sum(series) / intervals
         flat = max(series) - min(series) <= FLAT_POINTS
         if flat:
             # Counters of different precision jitter a steady vCPU by a fraction of a point:
             # one interval tells all, and judging one is what keeps big plans fast.
             series = (mean,) * intervals
+            if floor is not None:
+                floor = (sum(floor) / intervals,) * intervals
         guess = e is not None and e.guess
         views[vcpu.ref] = _V(
             vcpu,
@@ -631,6 +681,7 @@ def decide(
             flat,
             1 if e is None else e.readings,
             guess,
+            floor,
         )
     fresh = sum(1 for v in views.values() if v.readings < MIN_READINGS and not v.vcpu.excluded)
     if fresh:
@@ -667,6 +718,14 @@ def decide(
         held=dict(result.held),
         pcpu_demand=demand_before,
     )
+
+
+def _fitted(series: tuple[float, ...], intervals: int) -> tuple[float, ...]:
+    """The latest `intervals` of a series, its first value repeated before a short one."""
+    series = series[-intervals:]
+    if len(series) < intervals:
+        series = (series[0],) * (intervals - len(series)) + series
+    return series
 
 
 def _place(to_place: list[_V], pcpus: dict[int, _P], targets: list[_P], result: _Plan) -> None:
@@ -801,8 +860,12 @@ def _count_held(verdict: _Verdict, config: Config, result: _Plan) -> None:
     # A step that would gain enough on its mean but not beyond its uncertainty: `doubt` where
     # the pCPUs' doubt alone holds it (`_Outcomes`).
     net = verdict.net(config.min_gain)
-    if verdict.gain - config.min_gain >= 0 > net:
+    if verdict.gain - config.min_gain < 0:
+        return
+    if net < 0:
         result.held["doubt" if net + verdict.doubt >= 0 else "uncertain"] += 1
+    elif verdict.worst >= -1e-6 and not verdict.floored(config.min_gain):
+        result.held["uncertain"] += 1  # what its bounds leave open holds it
 
 
 _Found = tuple[float, tuple[_V, ...], tuple[_V, ...]]

@@ -45,6 +45,20 @@ def test_a_bound_no_exact_reading_explains_is_taken_at_its_top() -> None:
     assert feed(est, [reading(A, 50, 100)])[A][-1] == 100.0
 
 
+def test_a_top_has_a_floor_of_what_was_received() -> None:
+    est = Estimator()
+    first = est.update(Snapshot({0: 100.0}, (reading(A, 40, 40), reading(B, 47, 57))))
+    assert first[A].floor is None  # exact: its series says all
+    assert first[B].series == (57.0,)
+    assert first[B].floor == (47.0,)
+    # A's bound is read from its exact 40, so it holds no top; B's are tops again.
+    later = est.update(Snapshot({0: 100.0}, (reading(A, 39.5, 70), reading(B, 40, 87))))
+    assert later[A].series == (40.0, 40.0)
+    assert later[A].floor is None
+    assert later[B].series == (57.0, 87.0)
+    assert later[B].floor == (47.0, 40.0)
+
+
 def test_a_steady_vcpu_that_jumps_starts_a_new_level() -> None:
     est = Estimator()
     for _ in range(10):

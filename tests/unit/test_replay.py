@@ -134,3 +134,16 @@ def test_a_level_that_boot_bounds_hid_is_seen_within_two_cycles() -> None:
     assert all(not plan.moves for plan in plans[:17])
     assert plans[17].moves
     assert plans[17].pcpu_demand[1] < 55
+
+
+def test_a_guest_known_only_by_tops_is_not_swapped_for_its_twin() -> None:
+    # The lab's already-balanced scenario (four guests of 40, two per pCPU) beside the bursty
+    # low-priority load, which burst as the agent started: every guest read short at 98% busy
+    # pCPUs. One was known only by bounds read at their top (57, 87, 60, where it received
+    # 47, 40, 36); on those the agent swapped it for a twin read at 41-46. Sent at what it
+    # received, the swap gains nothing.
+    plans, pins = replay(FIXTURES / "lab-balanced-host-burst.log")
+    assert len(plans) == 16
+    logged = [(int(p["cycle"]), p["domain"][-1], int(p["to"])) for p in pins]
+    assert logged == [(3, "0", 1), (3, "1", 0)]  # what the agent did
+    assert [m for plan in plans for m in plan.moves] == []
