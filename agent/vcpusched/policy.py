@@ -516,10 +516,14 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     # Every vCPU a step moves brings its own unknown noise.
     prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
     verdict = _least(gains, worsts, prior, pins, max(a.doubt, b.doubt), readings)
-    if any(v.floor is not None for v in out):
-        # A vCPU sent on bounds read at their top may want no more than it received: the step
-        # must gain then too. (Beside a burst of host work every guest of a balanced host read
-        # short, and one known only by tops of 57-87 was swapped for a twin read at 44.)
+    if any(v.floor is not None for v in out) and b.guesses > sum(v.guess for v in back):
+        # A vCPU sent on bounds read at their top, to where the vCPUs staying read short too,
+        # may want no more than it received: nowhere on the two had room to show it, and the
+        # step must gain then too. (Beside a burst of host work every guest of a balanced host
+        # read short, and one known only by tops of 57-87 was swapped for a twin read at 44.)
+        # Sent where others have room, tops are taken as they are: a guest sharing a full
+        # pCPU with an excluded one received 29-34 of its 47, and waiting for its floor to
+        # show more put its last step off by two cycles.
         gains, worsts = _floored(a, b, out, back, span)
         floor = _least(gains, worsts, prior, pins, verdict.doubt, readings)
         verdict = dataclasses.replace(verdict, floor=floor.gain - floor.uncertainty)

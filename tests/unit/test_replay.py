@@ -147,3 +147,18 @@ def test_a_guest_known_only_by_tops_is_not_swapped_for_its_twin() -> None:
     logged = [(int(p["cycle"]), p["domain"][-1], int(p["to"])) for p in pins]
     assert logged == [(3, "0", 1), (3, "1", 0)]  # what the agent did
     assert [m for plan in plans for m in plan.moves] == []
+
+
+def test_a_guest_known_by_tops_is_sent_where_others_have_room() -> None:
+    # The lab's excluded-domain scenario (x of 60 excluded, 20/20/20/40, all on pCPU 0) on a
+    # slow machine. After three steps the 40 still shared the full pCPU with x and received
+    # 29-34, read only as tops of 75-78; pCPU 1's three 20s read exactly. The agent, asking
+    # the exchange to gain with the 40 at its floor, waited for an exact reading and made its
+    # last step at cycle 10, after the test's budget of 8. With room where it goes, its tops
+    # are taken as they are, and the exchange is made at cycle 8.
+    plans, pins = replay(FIXTURES / "lab-excluded-full-pcpu.log", Config(exclude=["*-x"]))
+    logged = [(int(p["cycle"]), p["domain"][-1], int(p["to"])) for p in pins]
+    assert logged[-2:] == [(10, "3", 1), (10, "1", 0)]  # what the agent did
+    made = [(i, m.ref.domain[-1], m.dst) for i, plan in enumerate(plans[:7], 1) for m in plan.moves]
+    assert made == [(c, d, to) for c, d, to in logged[:3]]
+    assert [(m.ref.domain[-1], m.dst) for m in plans[7].moves] == [("3", 1), ("0", 0)]
