@@ -261,7 +261,10 @@ def test_agent_killed_and_restarted_adopts_its_balance(
             "pin_changes_after_restart": len(after),
         },
     )
+    results = vmlab.state / "results"
+    (results / "fault-agent-killed-first.log").write_text(first.transcript(last=10_000))
+    (results / "fault-agent-killed-second.log").write_text(second.transcript(last=10_000))
     assert code == 0
-    assert after == [], [str(c) for c in after]
+    assert after == [], f"{[str(c) for c in after]}\n{second.trail()}"
     assert second.events("move", "place") == []
     assert not pidfile.exists()

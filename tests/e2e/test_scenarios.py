@@ -338,13 +338,16 @@ def test_all_on_one_pcpu(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
 
 
 def test_unpinned_heavy_and_light(vmlab: Lab, tmp_path: Path, scenario: str) -> None:
-    """Unpinned, alternating heavy (100) and light (50): one of each per pCPU.
+    """Unpinned, alternating heavy (100) and light (30): one of each per pCPU.
 
-    Both pCPUs end full whatever the split, so the pins are the judge here, not the spread.
-    The vCPUs are short of time while they float, so the agent measures them over
-    PLACE_SAMPLES intervals before placing them: that much more budget.
+    Both pCPUs end full, so the pins are the judge here, not the spread. The heavy vCPUs are
+    short of time while they float, so the agent measures them over PLACE_SAMPLES intervals
+    before placing them: that much more budget. The light ones want less than their fair
+    share even where the machine runs their loop at 1.5 times its calibrated cost; set to 50,
+    exactly their fair share, a light guest read short on a slow machine, as a heavy one
+    does, and the split was a coin's toss.
     """
-    specs = [(100 if i % 2 == 0 else 50, None) for i in range(2 * N)]
+    specs = [(100 if i % 2 == 0 else 30, None) for i in range(2 * N)]
     budget = BUDGET + PLACE_SAMPLES
     run, judge, _ = run_to_balance(vmlab, tmp_path, scenario, "heavy-light", specs, budget)
     pins = judge.current_pins(scenario)
@@ -353,7 +356,7 @@ def test_unpinned_heavy_and_light(vmlab: Lab, tmp_path: Path, scenario: str) -> 
     for (domain, _), cpus in pins.items():
         per_pcpu[next(iter(cpus))].append(specs[int(domain.removeprefix(scenario))][0])
     run.extra["loads_per_pcpu"] = per_pcpu
-    assert all(sorted(v) == [50, 100] for v in per_pcpu.values()), per_pcpu
+    assert all(sorted(v) == [30, 100] for v in per_pcpu.values()), per_pcpu
     assert_settled(run)
 
 
