@@ -8,8 +8,9 @@ over the window of joint readings (`estimate`), it lowers
   - the *spread* of pCPU demand, counted up to a pCPU's capacity: beyond it the shortfall tells.
 A step (a move, a swap, or an exchange of a few vCPUs between two pCPUs) is taken when its
 mean gain over the window, less its uncertainty (how much the gain varies across the window,
-and a prior while few readings are in), is at least `min_gain` per pin it changes, and it does
-not lower the worst-off vCPU's share on the pCPUs it changes (worst-off first).
+a prior while few readings are in, and for a step made for the spread alone what the pCPUs'
+speeds may change of the demand it moves), is at least `min_gain` per pin it changes, and it
+does not lower the worst-off vCPU's share on the pCPUs it changes (worst-off first).
 
 So moving a vCPU off a pCPU where five share the time onto one that holds one is a gain, and
 moving work onto a full pCPU where it would only move the waiting is not. Two vCPUs that burst
@@ -50,6 +51,11 @@ CAPACITY = 100.0
 # guests on its first reading of them.)
 PRIOR_GAIN = 6.0
 PRIOR_READINGS = 3
+# What a vCPU's demand may read other on another pCPU with no change of its own, as a
+# fraction of it: pCPUs run the same work at speeds that differ and drift (a busy sibling
+# thread, a virtual host's neighbours), and readings follow the pCPU. 0.03 let the lab's
+# drift swap two equal guests; 0.08 leaves the benchmark's noisy host short of balance.
+SPEED = 0.06
 # Nothing is judged on one reading of a vCPU's level: it says nothing of how the vCPU varies
 # (a guest that bursts one interval in four reads like a heavy one in that interval).
 MIN_READINGS = 2
@@ -491,6 +497,7 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         return _Verdict(0.0, math.inf, 0.0, len(out) + len(back))
     gains: list[float] = []
     worsts: list[float] = []
+    spread_only = True  # nobody short on either pCPU, before the step or after it
     for t in range(span):
         moved = sum(v.series[t] for v in out) - sum(v.series[t] for v in back)
         sa, sb = a.sums[t], b.sums[t]
@@ -505,6 +512,7 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         else:
             cb2, wb2 = 0.0, 1.0
         gain = ca + cb - ca2 - cb2
+        spread_only = spread_only and not (ca or cb or ca2 or cb2)
         if not (ca2 or cb2):
             # Where everyone would get what they want, the spread of demand counts too.
             gap = (min(sa, cap_a) + a.other) - (min(sb, cap_b) + b.other)
@@ -515,7 +523,9 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
     pins = len(out) + len(back)
     # Every vCPU a step moves brings its own unknown noise.
     prior = PRIOR_GAIN * math.sqrt(pins) if readings < PRIOR_READINGS else 0.0
-    verdict = _least(gains, worsts, prior, pins, max(a.doubt, b.doubt), readings)
+    # A step for the spread alone must hold if the vCPUs it moves read other where they go.
+    speed = SPEED * (sum(v.mean for v in out) + sum(v.mean for v in back)) if spread_only else 0.0
+    verdict = _least(gains, worsts, prior, pins, max(a.doubt, b.doubt), readings, speed)
     if any(v.floor is not None for v in out) and b.guesses > sum(v.guess for v in back):
         # A vCPU sent on bounds read at their top, to where the vCPUs staying read short too,
         # may want no more than it received: nowhere on the two had room to show it, and the
@@ -525,21 +535,27 @@ def _judge(a: _P, b: _P, out: Sequence[_V], back: Sequence[_V], intervals: int) 
         # pCPU with an excluded one received 29-34 of its 47, and waiting for its floor to
         # show more put its last step off by two cycles.
         gains, worsts = _floored(a, b, out, back, span)
-        floor = _least(gains, worsts, prior, pins, verdict.doubt, readings)
+        floor = _least(gains, worsts, prior, pins, verdict.doubt, readings, speed)
         verdict = dataclasses.replace(verdict, floor=floor.gain - floor.uncertainty)
     return verdict
 
 
 def _least(
-    gains: list[float], worsts: list[float], prior: float, pins: int, doubt: float, readings: int
+    gains: list[float],
+    worsts: list[float],
+    prior: float,
+    pins: int,
+    doubt: float,
+    readings: int,
+    speed: float = 0.0,
 ) -> _Verdict:
-    verdict = _verdict(gains, worsts, prior, pins, doubt)
+    verdict = _verdict(gains, worsts, prior, pins, doubt, speed)
     if readings < len(gains):
         # A level that began since is repeated over the intervals before it, where the others
         # show what they read then: the step must also gain over the intervals all of them
         # were read in. (A slowdown of the whole host restarted one guest's level and not its
         # twin's, and the padding alone called for swapping them.)
-        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins, doubt)
+        recent = _verdict(gains[-readings:], worsts[-readings:], prior, pins, doubt, speed)
         least = min(verdict, recent, key=lambda v: v.gain - v.uncertainty)
         verdict = dataclasses.replace(least, worst=min(verdict.worst, recent.worst))
     return verdict
@@ -575,14 +591,20 @@ def _floored(
 
 
 def _verdict(
-    gains: Sequence[float], worsts: Sequence[float], prior: float, pins: int, doubt: float = 0.0
+    gains: Sequence[float],
+    worsts: Sequence[float],
+    prior: float,
+    pins: int,
+    doubt: float = 0.0,
+    speed: float = 0.0,
 ) -> _Verdict:
     n = len(gains)
     mean = sum(gains) / n
     spread = _standard_error(gains, mean) if n > 1 else 0.0
-    # The doubt is added, not combined with the spread: it is a bias of the readings, which
-    # more of them do not average away.
-    return _Verdict(mean, math.hypot(spread, prior) + doubt, sum(worsts) / n, pins, doubt)
+    # The doubt and the speed are added, not combined with the spread: they are biases of
+    # the readings, which more of them do not average away.
+    uncertainty = math.hypot(spread, prior) + doubt + speed
+    return _Verdict(mean, uncertainty, sum(worsts) / n, pins, doubt)
 
 
 def _after(
