@@ -101,7 +101,16 @@ class Agent:
             return []
         measured = self.host_view.hold(measured, self.config)
         self.snapshot = measured
-        self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
+        try:
+            self.plan = self.balancer.plan(measured, self.host_view.usable(self.config))
+        except Exception:
+            # A fault of the policy must not take the agent, and with it every later cycle:
+            # logged with its traceback, counted, and the policy starts again from nothing.
+            log.exception(event("plan-failed"))
+            self.failures["plan"] = self.failures.get("plan", 0) + 1
+            self.balancer.forget()
+            self.plan = None
+            return []
         if log.isEnabledFor(logging.DEBUG):
             _log_readings(measured, self.plan)
         for pcpu, (points, cycles) in sorted(self.plan.doubts.items()):

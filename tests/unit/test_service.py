@@ -176,3 +176,31 @@ def test_a_step_whose_vcpus_read_another_level_logs_a_doubt(
     found = [re.fullmatch(r"doubt pcpu=(\d) points=(\d+\.\d) cycles=64", m) for m in doubts]
     assert [m[1] for m in found if m] == ["0", "1"], doubts
     assert all(15.0 < float(m[2]) < 25.0 for m in found if m), doubts
+
+
+def test_a_fault_of_the_policy_skips_the_cycle_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = _host(40, 40, 40, 40, pin=frozenset({0}))
+    agent = Agent(host, Config())
+    real = agent.balancer.plan
+    calls = 0
+
+    def fails_once(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ZeroDivisionError("a bug")
+        return real(*args)  # type: ignore[arg-type]
+
+    agent.balancer.plan = fails_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger="vcpusched"):
+        _run(agent, host, 10)
+    failed = [r for r in caplog.records if r.getMessage() == "plan-failed"]
+    assert len(failed) == 1
+    assert failed[0].levelno == logging.ERROR
+    assert failed[0].exc_info is not None
+    assert agent.failures == {"plan": 1}
+    # The cycles after it plan again, from no readings, and balance the host.
+    pins = [c.affinity for c in host.sample().vcpus.values()]
+    assert sorted(pins.count(frozenset({n})) for n in (0, 1)) == [2, 2]
