@@ -198,9 +198,10 @@ def settle(
     run.extra["foreign_after"] = round(judge.foreign(budget_end, end), 1)
     run.extra["foreign_peak"] = round(foreign_peak(judge, agent.started, end), 1)
     run.extra["other_peak"] = round(foreign_peak(judge, agent.started, end, other=True), 1)
-    if after and max(c.at for c in after) > end - LATE_LOOK * INTERVAL:
+    last_change = max((c.at for c in after), default=-math.inf)
+    if last_change > end - LATE_LOOK * INTERVAL:
         # Too close to the end to read what followed it: watch on, once, until it can be.
-        end = max(c.at for c in after) + LATE_LOOK * INTERVAL + 0.5
+        end = last_change + LATE_LOOK * INTERVAL + 0.5
         sleep_until(end)
         after = judge.changes(budget_end, prefix=prefix)
         run.changes_total = len(judge.changes(prefix=prefix))
@@ -302,10 +303,8 @@ def reference(vmlab: Lab, judge: Judge, run: Run) -> dict[str, Any]:
         start += INTERVAL
         sleep_until(start + REFERENCE_LOOK * INTERVAL)
         best_sd = judge.sd(start, time.monotonic())
-    by_pcpu: dict[int, list[str]] = {}
-    for domain, pcpu in sorted(best.items()):
-        by_pcpu.setdefault(pcpu, []).append(domain)
-    return {"agent_sd": round(agent_sd, 1), "best_sd": round(best_sd, 1), "best": by_pcpu}
+    best_pins = pins_by_pcpu({(d, 0): frozenset({p}) for d, p in best.items()})
+    return {"agent_sd": round(agent_sd, 1), "best_sd": round(best_sd, 1), "best": best_pins}
 
 
 def best_placement(
